@@ -122,3 +122,76 @@ def test_real_mlflow_server(tmp_path):
         _stop(proc)
         log.close()
     print(f"slow server test took {time.monotonic() - t0:.1f} s")
+
+
+_PROGRESS_SCRIPT = """
+from wmtp.progress import TrainingProgress, progress_mode
+print("mode", progress_mode())
+with TrainingProgress(total=30, log_every=10) as pb:
+    for s in range(1, 31):
+        pb.update(s, {"loss": 1.0 / s})
+print("done")
+"""
+
+
+def test_progress_in_a_pipe_prints_plain_lines():
+    out = subprocess.run([sys.executable, "-c", _PROGRESS_SCRIPT], capture_output=True, text=True, check=True).stdout
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert lines[0] == "mode lines" and lines[-1] == "done"
+    assert [line.split()[1] for line in lines[1:-1]] == ["10/30", "20/30", "30/30"]
+
+
+def test_progress_in_a_terminal_draws_a_bar():
+    import pty
+    main, sub = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", _PROGRESS_SCRIPT], stdout=sub, stderr=subprocess.STDOUT)
+    os.close(sub)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 4096)
+        except OSError:   # the terminal closes when the process exits
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main)
+    assert proc.wait(timeout=60) == 0
+    out = b"".join(chunks).decode()
+    assert out.startswith("mode bar")
+    assert "\r" in out and "100.00% [30/30" in out and "loss 0.03333" in out
+    assert "step 10/30" not in out
+
+
+@pytest.mark.slow
+def test_progress_in_a_jupyter_kernel_shows_bar_and_plot():
+    from jupyter_client.manager import KernelManager
+    km = KernelManager(kernel_name="python3")
+    km.kernel_spec.argv[0] = sys.executable   # the kernel must see this environment's wmtp
+    km.start_kernel()
+    kc = km.client()
+    try:
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        msg_id = kc.execute(_PROGRESS_SCRIPT)
+        streams, mimes, errors = [], set(), []
+        while True:
+            msg = kc.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                streams.append(content["text"])
+            elif kind in ("display_data", "update_display_data"):
+                mimes.update(content["data"])
+            elif kind == "error":
+                errors.append(f"{content['ename']}: {content['evalue']}")
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert errors == []
+    assert "".join(streams).splitlines() == ["mode notebook", "done"]   # no plain lines in Jupyter
+    assert {"text/html", "image/png"} <= mimes   # the HTML bar and the live loss plot
