@@ -152,43 +152,52 @@ def fsdp_step(model, opt, seed):
     opt.zero_grad(); loss.backward(); opt.step()
 
 
-def _fsdp_rank(rank, world, port, mode, directory, out):
+def _fsdp_model(seed, mesh):
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(seed)
+    model = TiedNet()
+    for b in model.blocks: fully_shard(b, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _fsdp_rank(rank, world, port, save_dir, plain_dir, out):
+    "One rank: train a sharded model and save it; load a plain checkpoint into a fresh sharded model."
+    from datetime import timedelta
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0 if mode == "save" else 42)
-        model = TiedNet()
-        for b in model.blocks: fully_shard(b, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        mgr = CheckpointManager(directory)
-        if mode == "save":
-            for s in range(2): fsdp_step(model, opt, 10 * s + rank)
-            mgr.save(2, {"model": model, "optimizer": opt, "trainer": {"step": 2}}, metrics={"val_loss": 1.0})
-            export_safetensors(model, Path(directory) / "weights.safetensors")
-        else:
-            plain = mgr.load({"model": model, "optimizer": opt, "trainer": None})
-            assert plain == {"trainer": {"step": 5}}, plain
-        full_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        msd = get_model_state_dict(model, options=full_opts)
-        osd = get_optimizer_state_dict(model, opt, options=full_opts)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        gathered = lambda m, o: {"model": get_model_state_dict(m, options=full), "optimizer": get_optimizer_state_dict(m, o, options=full)}
+        model, opt = _fsdp_model(0, mesh)
+        for s in range(2): fsdp_step(model, opt, 10 * s + rank)
+        CheckpointManager(save_dir).save(2, {"model": model, "optimizer": opt, "trainer": {"step": 2}})
+        export_safetensors(model, Path(save_dir) / "weights.safetensors")
+        saved = gathered(model, opt)
+        model2, opt2 = _fsdp_model(42, mesh)
+        plain = CheckpointManager(plain_dir).load({"model": model2, "optimizer": opt2, "trainer": None})
+        loaded = gathered(model2, opt2)
         shard = model.blocks[0].weight
         if rank == 0:
-            torch.save({"model": msd, "optimizer": osd}, out)
-            print(json.dumps({"sharded": type(shard).__name__, "local_rows": shard.to_local().shape[0]}))
+            torch.save({"saved": saved, "loaded": loaded}, out)
+            print(json.dumps({"sharded": type(shard).__name__, "local_rows": shard.to_local().shape[0], "plain": plain}))
     finally:
         dist.destroy_process_group()
 
 
-def fsdp(mode, directory, out):
+def fsdp(save_dir, plain_dir, out):
+    "Two ranks on gloo: this process is rank 0, a spawned one rank 1."
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_fsdp_rank, args=(2, port, mode, directory, out), nprocs=2)
+    other = torch.multiprocessing.get_context("spawn").Process(target=_fsdp_rank, args=(1, 2, port, save_dir, plain_dir, out))
+    other.start()
+    try: _fsdp_rank(0, 2, port, save_dir, plain_dir, out)
+    finally: other.join(timeout=180)
+    assert other.exitcode == 0, f"rank 1 exited with {other.exitcode}"
 
 
 if __name__ == "__main__":

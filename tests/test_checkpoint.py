@@ -30,26 +30,32 @@ def assert_same(a: dict, b: dict):
         else: assert a[k] == b[k], k
 
 
-def test_exact_resume_in_a_new_process(tmp_path):
-    "k steps, save, a new process loads and goes on to N: bitwise the uninterrupted N-step run."
-    n, k = 12, 7  # 5 batches an epoch: the resume point lies in the middle of the second epoch
-    assert worker("uninterrupted", tmp_path / "a", n, 0, tmp_path / "full.pt") == {"position": [12, 2, 2]}
-    assert worker("first", tmp_path / "b", n, k, tmp_path / "first.pt") == {"position": [7, 1, 2]}
-    assert worker("rest", tmp_path / "b", n, k, tmp_path / "rest.pt") == {"position": [12, 2, 2]}
-    full, first, rest = (torch.load(tmp_path / f, weights_only=True) for f in ("full.pt", "first.pt", "rest.pt"))
+N, K = 12, 7  # 5 batches an epoch: the resume point lies in the middle of the second epoch
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    "An uninterrupted N-step run and a K-step run that saved a checkpoint, each in its own process."
+    d = tmp_path_factory.mktemp("resume")
+    assert worker("uninterrupted", d / "a", N, 0, d / "full.pt") == {"position": [12, 2, 2]}
+    assert worker("first", d / "ckpt", N, K, d / "first.pt") == {"position": [7, 1, 2]}
+    return d
+
+
+def test_exact_resume_in_a_new_process(runs):
+    "A new process loads the K-step checkpoint and goes on to N: bitwise the uninterrupted N-step run."
+    assert worker("rest", runs / "ckpt", N, K, runs / "rest.pt") == {"position": [12, 2, 2]}
+    full, first, rest = (torch.load(runs / f, weights_only=True) for f in ("full.pt", "first.pt", "rest.pt"))
     assert_same(full["model"], rest["model"])
     assert_same(full["optimizer"], rest["optimizer"])  # moments, step counts, lr and betas moved by OneCycleLR
     assert_same(full["weighter"], rest["weighter"])
-    assert not torch.equal(full["model"]["0.weight"], first["model"]["0.weight"])  # the last N-k steps did change it
+    assert not torch.equal(full["model"]["0.weight"], first["model"]["0.weight"])  # the last N-K steps did change it
 
 
-def test_resume_without_rng_differs(tmp_path):
-    "The same resume without restoring the RNG states (dropout draws differ): the check above has teeth."
-    n, k = 12, 7
-    worker("uninterrupted", tmp_path / "a", n, 0, tmp_path / "full.pt")
-    worker("first", tmp_path / "b", n, k, tmp_path / "first.pt")
-    worker("rest_norng", tmp_path / "b", n, k, tmp_path / "rest.pt")
-    full, rest = (torch.load(tmp_path / f, weights_only=True) for f in ("full.pt", "rest.pt"))
+def test_resume_without_rng_differs(runs):
+    "The same resume without restoring the RNG states (other dropout masks) differs: the check above has teeth."
+    worker("rest_norng", runs / "ckpt", N, K, runs / "rest_norng.pt")
+    full, rest = (torch.load(runs / f, weights_only=True) for f in ("full.pt", "rest_norng.pt"))
     assert not torch.equal(full["model"]["0.weight"], rest["model"]["0.weight"])
 
 
@@ -80,26 +86,30 @@ def test_full_disk_keeps_earlier_checkpoints(tmp_path):
 
 
 def test_fsdp2_checkpoint_to_plain_and_back(tmp_path):
-    "FSDP2 (2 ranks, gloo) saves; a plain model loads it exactly; a plain checkpoint loads back into FSDP2."
-    res = worker("fsdp", "save", tmp_path / "fsdp", tmp_path / "ref.pt")
-    assert res == {"sharded": "DTensor", "local_rows": 4}, res  # each rank held half of an 8x8 block
-    ref = torch.load(tmp_path / "ref.pt", weights_only=True)
-
+    "FSDP2 (2 ranks, gloo) saves and a plain model loads it exactly; a plain checkpoint loads into FSDP2 exactly."
     torch.manual_seed(3)
-    plain, opt = TiedNet(), None
+    src = TiedNet()
+    src_opt = torch.optim.AdamW(src.parameters(), lr=1e-2)
+    fsdp_step(src, src_opt, 99)
+    CheckpointManager(tmp_path / "plain").save(5, {"model": src, "optimizer": src_opt, "trainer": {"step": 5}})
+
+    res = worker("fsdp", tmp_path / "fsdp", tmp_path / "plain", tmp_path / "out.pt")
+    assert res == {"sharded": "DTensor", "local_rows": 4, "plain": {"trainer": {"step": 5}}}, res  # half an 8x8 block each
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    # plain -> FSDP2: the sharded model and optimizer hold exactly the plain values
+    assert_same(out["loaded"]["model"], src.state_dict())
+    assert_same(out["loaded"]["optimizer"]["state"], get_optimizer_state_dict(src, src_opt)["state"])
+
+    # FSDP2 -> plain, in this single process
+    torch.manual_seed(4)
+    plain = TiedNet()
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     mgr = CheckpointManager(tmp_path / "fsdp")
     assert mgr.load({"model": plain, "optimizer": opt, "trainer": None}, restore_rng=False) == {"trainer": {"step": 2}}
-    assert_same(plain.state_dict(), ref["model"])
-    assert_same(get_optimizer_state_dict(plain, opt)["state"], ref["optimizer"]["state"])
+    assert_same(plain.state_dict(), out["saved"]["model"])
+    assert_same(get_optimizer_state_dict(plain, opt)["state"], out["saved"]["optimizer"]["state"])
     assert plain.out.weight is plain.emb.weight  # still tied after loading
+    assert sorted(p.name for p in mgr.latest().glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
 
     inference = load_safetensors(TiedNet(), tmp_path / "fsdp" / "weights.safetensors")
-    assert_same(inference.state_dict(), ref["model"])
-
-    fsdp_step(plain, opt, 99)  # move on in the plain process, then hand back to FSDP2
-    CheckpointManager(tmp_path / "plain").save(5, {"model": plain, "optimizer": opt, "trainer": {"step": 5}})
-    res = worker("fsdp", "load", tmp_path / "plain", tmp_path / "back.pt")
-    back = torch.load(tmp_path / "back.pt", weights_only=True)
-    assert_same(back["model"], plain.state_dict())
-    assert_same(back["optimizer"]["state"], get_optimizer_state_dict(plain, opt)["state"])
+    assert_same(inference.state_dict(), out["saved"]["model"])
