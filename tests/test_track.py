@@ -197,3 +197,22 @@ def test_progress_in_a_jupyter_kernel_shows_bar_and_plot():
     assert errors == []
     assert "".join(streams).splitlines() == ["mode notebook", "done"]   # no plain lines in Jupyter
     assert {"text/html", "image/png"} <= mimes   # the HTML bar and the live loss plot
+
+
+@pytest.mark.slow   # a new store migrates in the child process: 5-30 s here
+def test_tracker_not_ended_is_ended_at_exit(tmp_path):
+    """A script that never calls end(): its buffered metrics reach the store when it exits."""
+    from mlflow.tracking import MlflowClient
+    script = f"""
+from wmtp.track import Tracker
+t = Tracker({str(tmp_path)!r}, flush_every=1000)
+for step in range(1, 6): t.log_metrics({{"loss": 1.0 / step}}, step=step)
+print(t.run_id)
+"""
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    run_id = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env=env, cwd=tmp_path).stdout.strip().splitlines()[-1]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not (tmp_path / "metrics.jsonl").exists()
