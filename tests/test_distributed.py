@@ -141,3 +141,51 @@ def test_killed_rank_fails_fast(tmp_path):
 def test_hung_rank_times_out(tmp_path):
     "Rank 1 hangs (alive, never joins a collective): rank 0 stops after the 10 s process-group timeout, naming rank 1."
     _dead_rank(tmp_path, "hang")
+
+
+# ---- the wmtp command under torchrun -------------------------------------------------------------
+def _cli(nproc: int, out: Path, *args, timeout: float = 400) -> subprocess.CompletedProcess:
+    "`wmtp train --quick` with `nproc` processes (torchrun for 2); insist that it succeeds."
+    launch = [sys.executable, "-m", "wmtp.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(_port()), "-m", "wmtp.cli"]
+    cmd = [*launch, "train", "--quick", "--out", str(out), *map(str, args)]
+    p = subprocess.run(cmd, cwd=out.parent, env=_env(MLFLOW_DISABLE_TELEMETRY="true"), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
+def _check_run(out: Path, p: subprocess.CompletedProcess, steps: int, world: int):
+    info = json.loads((out / "run.json").read_text())
+    assert info["steps"] == steps and info["world_size"] == world, info
+    assert (out / "model.safetensors").is_file() and (out / "checkpoints" / f"step-{steps}" / "manifest.json").is_file()
+    assert "validation loss per head" in p.stdout, p.stdout[-2000:]
+    assert all(v == v and v > 0 for v in info["final_val_loss_per_head"])  # finite, not NaN
+    assert p.stdout.count("wmtp train: finished") == 1  # only rank 0 prints the summary
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    "A baseline run with one process: the rho1 reference."
+    out = tmp_path_factory.mktemp("cli") / "reference"
+    _check_run(out, _cli(1, out, "max_steps=6", "tracking.enabled=false"), 6, 1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["baseline", "critic", "rho1_weighted"])
+def test_cli_two_processes(tmp_path, reference, recipe):
+    "`torchrun --nproc_per_node 2 -m wmtp.cli train --quick` runs each algorithm to the end: checkpoints, weights, validation loss."
+    out = tmp_path / recipe
+    extra = [f"reference={reference}"] if recipe.startswith("rho1") else []
+    _check_run(out, _cli(2, out, "--recipe", recipe, "max_steps=8", *extra), 8, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["baseline", "critic"])
+def test_cli_resume_two_to_one(tmp_path, recipe):
+    "A run saved by 2 processes continues with 1 (`--resume`, more steps)."
+    out = tmp_path / recipe
+    _cli(2, out, "--recipe", recipe, "max_steps=6", "save_interval=3", "tracking.enabled=false")
+    p = _cli(1, out, "--resume", "--recipe", recipe, "max_steps=9", "save_interval=3", "tracking.enabled=false")
+    _check_run(out, p, 9, 1)
