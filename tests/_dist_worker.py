@@ -16,7 +16,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict  # noqa: E402
 from wmtp.callbacks import CheckpointCallback  # noqa: E402
-from wmtp.distributed import (DistGradClip, DistributedSamplerCallback, RankFailure, all_reduce_mean, clip_grad_norm,  # noqa: E402
+from wmtp.distributed import (DistGradClip, DistributedSamplerCallback, RankFailure, DistributedValidation, all_reduce_mean,  # noqa: E402
+                              clip_grad_norm,
                               collective_errors, distributed_sampler, init_distributed, replicate_module, shard_model,
                               shutdown_distributed)
 from wmtp.learner import Callback, Learner  # noqa: E402
@@ -29,9 +30,9 @@ HEAD_W = torch.tensor([1.0, 0.5, 0.25])
 GLOBAL_BATCH = 8
 
 
-def dataset(n=32, seq=12):
+def dataset(n=32, seq=12, seed=1):
     "Counting sequences with random starts and strides (learnable, no padding: every rank has the same token count)."
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     start, stride = torch.randint(0, 32, (n, 1), generator=g), torch.randint(1, 4, (n, 1), generator=g)
     ids = (start + stride * torch.arange(seq)) % 32
     return [{"input_ids": i, "labels": i} for i in ids]
@@ -56,7 +57,7 @@ class Record(Callback):
     order = 95  # after CheckpointCallback (90): its before_fit has loaded the checkpoint
     def __init__(self, ctx, out, dump_at):
         self.ctx, self.out, self.dump_at = ctx, Path(out), dump_at
-        self.losses, self.norms, self.steps = [], [], []
+        self.losses, self.norms, self.steps, self.val = [], [], [], []
     def _dump(self, name):
         sd = full_state(self.learn.model, self.learn.opt)
         if self.ctx.is_main: torch.save(sd, self.out / name)
@@ -64,6 +65,7 @@ class Record(Callback):
         if self.learn.step: self._dump("loaded.pt")
     def after_loss(self):
         if self.learn.training: self.losses.append(all_reduce_mean(self.learn.loss, self.ctx).item())
+    def after_validate(self): self.val.append(self.learn.metrics["val_loss"])  # after DistributedValidation (order -40)
     def after_step(self):
         self.norms.append(float(self.learn.grad_norm)); self.steps.append(self.learn.step)
         if self.learn.step == self.dump_at: self._dump(f"state-{self.learn.step}.pt")
@@ -76,8 +78,11 @@ def make_learner(ctx, args, cbs):
     ds = dataset()
     sampler = distributed_sampler(ds, ctx, shuffle=True, seed=5, always=True)
     dl = torch.utils.data.DataLoader(ds, batch_size=GLOBAL_BATCH // ctx.world_size, sampler=sampler)
-    cbs = [DistributedSamplerCallback(sampler), DistGradClip(max_norm=0.3), *cbs]
-    return Learner(model, dl, loss_fn, opt, cbs=cbs)
+    vds = dataset(16, seed=2)
+    vdl = torch.utils.data.DataLoader(vds, batch_size=GLOBAL_BATCH // ctx.world_size,
+                                      sampler=distributed_sampler(vds, ctx, shuffle=False, always=True))
+    cbs = [DistributedSamplerCallback(sampler), DistGradClip(max_norm=0.3), DistributedValidation(ctx), *cbs]
+    return Learner(model, dl, loss_fn, opt, valid_dl=vdl, valid_every=3, cbs=cbs)
 
 
 def train(ctx, args):
@@ -87,7 +92,7 @@ def train(ctx, args):
     learn = make_learner(ctx, args, [ck, rec])
     with collective_errors(ctx, "training"): learn.fit(max_steps=args.steps)
     final = full_state(learn.model, learn.opt)
-    res = {"world": ctx.world_size, "losses": rec.losses, "norms": rec.norms, "steps": rec.steps,
+    res = {"world": ctx.world_size, "losses": rec.losses, "val": rec.val, "norms": rec.norms, "steps": rec.steps,
            "fsdp": type(learn.model).__name__, "critic": critic(ctx)}
     if ctx.is_main:
         torch.save(final, out / "final.pt")

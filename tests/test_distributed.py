@@ -78,6 +78,9 @@ def test_two_processes_equal_one(runs):
     # clipping (max_norm 0.3) is active at every step, and the norm of the sharded gradient is the full one
     assert min(one["norms"]) > 0.3
     torch.testing.assert_close(torch.tensor(two["norms"]), torch.tensor(one["norms"]), rtol=RTOL, atol=ATOL)
+    # validation every 3 steps, each rank on half the data, reduced over ranks
+    assert len(one["val"]) == 2 and one["val"][-1] < one["val"][0]  # at steps 3 and 6
+    torch.testing.assert_close(torch.tensor(two["val"]), torch.tensor(one["val"]), rtol=RTOL, atol=ATOL)
     a, b = _load(runs["one"] / "final.pt"), _load(runs["two"] / "final.pt")
     assert "lm_head.weight" in a["model"] and "trunk.0.qkv.weight" in a["model"]  # plain names, not FSDP-wrapped ones
     _assert_tree_close(b["model"], a["model"], rtol=1e-4, atol=1e-5, where="model")
@@ -101,6 +104,7 @@ def test_resharding(runs, saved, resumed):
     res, full = _result(runs[resumed]), _result(runs["one"])
     assert res["steps"] == [4, 5, 6]  # continued from step 3, across the epoch boundary (4 batches per epoch)
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(full["losses"][3:]), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.tensor(res["val"]), torch.tensor(full["val"][1:]), rtol=RTOL, atol=ATOL)
     _assert_tree_close(_load(runs[resumed] / "final.pt")["model"], _load(runs["one"] / "final.pt")["model"], rtol=1e-4, atol=1e-5)
 
 
