@@ -180,7 +180,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("recipe", ["baseline", "critic", "rho1_weighted"])
 def test_cli_two_processes(tmp_path, reference, recipe):
     "`torchrun --nproc_per_node 2 -m wmtp.cli train --quick` runs each algorithm to the end: checkpoints, weights, validation loss."
-    out = tmp_path / recipe
+    out = tmp_path / f"run-{recipe}"
     extra = [f"reference={reference}"] if recipe.startswith("rho1") else []
     _check_run(out, _cli(2, out, "--recipe", recipe, "max_steps=8", *extra), 8, 2)
 
@@ -189,7 +189,7 @@ def test_cli_two_processes(tmp_path, reference, recipe):
 @pytest.mark.parametrize("recipe", ["baseline", "critic"])
 def test_cli_resume_two_to_one(tmp_path, recipe):
     "A run saved by 2 processes continues with 1 (`--resume`, more steps)."
-    out = tmp_path / recipe
+    out = tmp_path / f"run-{recipe}"  # not a folder named like the recipe: `--recipe baseline` would take it for a path
     _cli(2, out, "--recipe", recipe, "max_steps=6", "save_interval=3", "tracking.enabled=false")
     p = _cli(1, out, "--resume", "--recipe", recipe, "max_steps=9", "save_interval=3", "tracking.enabled=false")
     _check_run(out, p, 9, 1)
