@@ -141,6 +141,19 @@ def test_killed_rank_fails_fast(tmp_path):
     _dead_rank(tmp_path, "kill")
 
 
+def test_killed_rank_under_torchrun(tmp_path):
+    "Under torchrun the agent sees rank 1 die (SIGKILL), stops rank 0 and names rank 1 with its exit code; step 2 stays intact."
+    ck = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), str(WORKER), "die", tmp_path / "out", "--ckpt", ck, "--timeout", "10"]
+    p = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0 and "finished without error" not in p.stdout
+    failed = p.stderr[p.stderr.index("Root Cause"):]
+    assert "rank      : 1 (local_rank: 1)" in failed and "exitcode  : -9" in failed, p.stderr[-3000:]
+    from wmtp.checkpoint import CheckpointManager
+    assert CheckpointManager(ck).latest().name == "step-2"
+
+
 @pytest.mark.slow
 def test_hung_rank_times_out(tmp_path):
     "Rank 1 hangs (alive, never joins a collective): rank 0 stops after the 10 s process-group timeout, naming rank 1."
