@@ -27,6 +27,7 @@ def test_json_has_every_row_with_sane_ratios(quick):
     out, _ = quick
     res = json.loads((out / "bench.json").read_text())
     assert res["meta"]["quick"] is True and res["meta"]["devices"][0] == "cpu"
+    assert res["errors"] == []
     loss = res["loss_paths"]
     for V in (32768, 131072):
         assert {r["path"] for r in loss if r["device"] == "cpu" and r["V"] == V} >= {"flatten", "per_head", "fused"}
