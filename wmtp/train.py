@@ -155,7 +155,7 @@ def fit_value_head(weighter, model, train_dl, recipe: Recipe, policy, log=print)
     opt = torch.optim.AdamW(weighter.parameters(), lr=recipe.weighter.value_lr)
     losses = []
     class _Keep(Callback):
-        def after_loss(self): losses.append(float(self.learn.loss))
+        def after_loss(self): losses.append(float(self.learn.loss.detach()))
     with Learner(model, train_dl, _ValueLoss(weighter), opt, policy=policy, cbs=[_Keep()]) as learn:
         learn.fit(max_steps=recipe.weighter.stage1_steps)
     weighter.stage = 2
