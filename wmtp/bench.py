@@ -297,6 +297,7 @@ def plot_report(res: dict, out_dir: Path) -> list[Path]:
             ax.bar([j + i * width for j in range(len(groups))], vals, width, label=p)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{d} V={v // 1024}k" for d, v in groups])
         ax.set_ylabel(label)
+    axes[0].set_yscale("log")  # torch's linear_cross_entropy on CPU can take 10x the others
     axes[0].legend(fontsize=8)
     fig.suptitle("loss paths"); fig.tight_layout()
     files = [out_dir / "loss_paths.png", out_dir / "decoding.png"]
