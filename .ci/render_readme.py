@@ -16,7 +16,7 @@ def render(nb_path: Path) -> str:
         if not src: continue
         first = src.splitlines()[0].strip()
         if cell["cell_type"] == "markdown":
-            parts.append(src); continue
+            parts.append(src.replace("](images/", "](nbs/images/")); continue  # images live beside the notebook
         if first.startswith("#|") and ("hide" in first or "export" in first): continue
         lines = [l for l in src.splitlines() if not l.strip().startswith("#|")]
         parts.append("```python\n" + "\n".join(lines).strip() + "\n```")
