@@ -204,9 +204,7 @@ def test_cli_two_processes(tmp_path, reference, recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["baseline", pytest.param("critic", marks=pytest.mark.xfail(
-    reason="the optimizer holds the sharded model and the replicated value head, so CheckpointManager pickles it from "
-           "rank 0 (DTensor shards of rank 0 only) instead of saving it through DCP; resuming then mixes Tensor and DTensor"))])
+@pytest.mark.parametrize("recipe", ["baseline", "critic"])
 def test_cli_resume_two_to_one(tmp_path, recipe):
     "A run saved by 2 processes continues with 1 (`--resume`, more steps)."
     out = tmp_path / f"run-{recipe}"  # not a folder named like the recipe: `--recipe baseline` would take it for a path

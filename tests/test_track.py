@@ -38,7 +38,7 @@ def test_unreachable_server_falls_back_to_jsonl(tmp_path):
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["key"]) for r in rows] == [(s, k) for s in range(1, 11) for k in ("loss", "head1_loss")]
     assert rows[4]["value"] == pytest.approx(1.0 / 3)
-    assert json.loads((tmp_path / "run.json").read_text())["params"] == {"lr": "0.01"}
+    assert json.loads((tmp_path / "tracking.json").read_text())["params"] == {"lr": "0.01"}
 
 
 def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 120.0):   # 13-51 s seen on a busy machine

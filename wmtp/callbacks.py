@@ -85,6 +85,10 @@ class WarmupCosine(LRScheduler):
 
     def get_lr(self): return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
+    def load_state_dict(self, state_dict: dict):
+        "Restore the position; the schedule's shape stays this one's, so a resumed run may be given more steps."
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("warmup_steps", "total_steps", "min_ratio")})
+
 class LRSchedule(Callback):
     "Step `scheduler` after every optimizer step; checkpoints carry it as `scheduler`."
     order = 10

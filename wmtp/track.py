@@ -234,8 +234,8 @@ def _text(v, limit: int) -> str:
 
 @patch
 def _merge_run_json(self: Tracker, section: str, items: dict):
-    "Fallback for params and tags: merge them into `<output_dir>/run.json`."
-    path = self.output_dir / "run.json"
+    "Fallback for params and tags: merge them into `<output_dir>/tracking.json`."
+    path = self.output_dir / "tracking.json"  # not run.json, which `wmtp train` writes
     data = json.loads(path.read_text()) if path.exists() else {}
     data.setdefault(section, {}).update(items)
     path.write_text(json.dumps(data, indent=1))

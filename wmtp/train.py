@@ -109,20 +109,24 @@ def build_weighter(recipe: Recipe, model: MTPTransformer):
 # %% ../nbs/11_train.ipynb #2ddc564b
 class MTPLossFn:
     "The Learner's loss: `(model, batch) -> (loss, n_rows, {'ce_h{k}': (sum, count)})`, weighted in training."
-    def __init__(self, weighter, recipe: Recipe):
+    def __init__(self, weighter, recipe: Recipe, path: str | None = None):
         self.weighter, self.loss = weighter, recipe.loss
+        self.path = path or recipe.loss.path  # a device profile may choose the path when the recipe says auto
         self.last_weights = None  # the latest (weights [B,S,H], counting rows), for the histogram
 
     def __call__(self, model, batch):
-        out = model(batch["input_ids"])
+        path = self.path
+        # `flatten` and `per_head` need the [B,S,H,V] logits; `fused` and `auto` take the hidden states (never build them)
+        out = model(batch["input_ids"], logits="all" if path in ("flatten", "per_head") else None)
         H = out.hidden.shape[2]
         targets = mtp_targets(batch["labels"], H)
         weights = sel = None
         if model.training:
             wt = self.weighter(batch, out, targets)
             weights, sel = wt.weights, wt.selection_mask
-        res = weighted_mtp_loss(targets=targets, hidden=out.hidden, unembedding=_unembedding(model), weights=weights,
-                                selection_mask=sel, norm=self.loss.norm, path=self.loss.path, chunk_size=self.loss.chunk_size)
+        inputs = dict(logits=out.logits) if out.logits is not None else dict(hidden=out.hidden, unembedding=_unembedding(model))
+        res = weighted_mtp_loss(targets=targets, weights=weights, selection_mask=sel, norm=self.loss.norm, path=path,
+                                chunk_size=self.loss.chunk_size, **inputs)
         rows = targets != -100
         if sel is not None: rows = rows & sel
         if weights is not None: self.last_weights = (weights.detach(), rows)
@@ -175,10 +179,14 @@ class RankSlice(Callback):
         self.learn.batch = {k: v[self.rank::self.world] for k, v in b.items()}
 
 # %% ../nbs/11_train.ipynb #3eca5c0b
-def _planned_ok(recipe: Recipe, train_ds):
-    if len(train_ds) < recipe.data.batch_size:
-        raise ValueError(f"the training data has {len(train_ds)} rows, fewer than one batch of {recipe.data.batch_size}: "
-                         f"raise data.max_files / data.max_bytes or lower data.batch_size")
+def _planned_ok(recipe: Recipe, train_ds, valid_ds, world_size: int = 1):
+    bs = recipe.data.batch_size
+    if len(train_ds) < bs:
+        raise ConfigError(f"the training data has {len(train_ds)} rows, fewer than one batch of {bs}: "
+                          f"raise data.max_files / data.max_bytes (or data.n_tasks) or lower data.batch_size")
+    if world_size > 1 and (bs % world_size or len(valid_ds) < bs):
+        raise ConfigError(f"{world_size} processes need data.batch_size ({bs}) divisible by {world_size} and at least one full "
+                          f"validation batch (there are {len(valid_ds)} validation rows): raise data.n_tasks or lower data.batch_size")
 
 def _save_plots(out: Path, history, weights, tracker, main: bool) -> list[Path]:
     "Loss per head and the weight histogram as PNG files, logged to the run."
@@ -277,19 +285,27 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
     ctx = wdist.init_distributed(policy, backend=dc.backend, timeout_s=dc.timeout_s)
     main = ctx.is_main
     say = log if main else (lambda *a, **k: None)
+    tracker = None
     try:
         _preflight(recipe)
+        ckpts = out / "checkpoints"
+        if not resume and ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
+            raise ConfigError(f"{out} already holds a run's checkpoints: pass --resume to continue it, or --out for a new run")
         out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
         tok = ByteTokenizer()
         train_ds, valid_ds = build_datasets(recipe, tok, config.seed)
-        _planned_ok(recipe, train_ds)
+        _planned_ok(recipe, train_ds, valid_ds, ctx.world_size)
         model = build_model(recipe, tok)
+        if main:  # the model's shape first, so that checkpoints of a run that never finishes can be loaded
+            (out / "run.json").write_text(json.dumps({"model_config": asdict(model.cfg), "config": asdict(config),
+                                                      "recipe": asdict(recipe), "tokenizer": "byte"}, indent=2, default=str))
         weighter = build_weighter(recipe, model).to(policy.device)
         if ctx.world_size > 1:
             model = wdist.shard_model(model.to(ctx.device), ctx, policy)
             wdist.place_weighter(weighter, ctx)
         opt = _optimizer(model, weighter, recipe.optim)
+        model = policy.maybe_compile(model)  # the original module unless devices.compile is on (eager where compile fails)
         o, ck, tr = recipe.optim, config.checkpoints, config.tracking
         bs = recipe.data.batch_size
         train_dl = lambda epoch: make_loader(train_ds, bs, policy, shuffle=True, epoch=epoch, drop_last=True)
@@ -302,7 +318,7 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         if recipe.algorithm == "critic" and not resuming:
             fit_value_head(weighter, model, train_dl, recipe, policy, log=say)
         if recipe.algorithm == "critic": weighter.stage = 2
-        loss_fn = MTPLossFn(weighter, recipe)
+        loss_fn = MTPLossFn(weighter, recipe, path=policy.loss_path if recipe.loss.path == "auto" else None)
         history = _HeadHistory(tr.log_every)
         clip = [wdist.DistGradClip(o.clip_norm) if ctx.world_size > 1 else GradClip(o.clip_norm)] if o.clip_norm else []
         warmup = min(o.warmup_steps, o.max_steps - 1)  # a run shorter than its warmup still gets a schedule
@@ -321,7 +337,8 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
             f"{policy.device} {policy.precision}, {ctx.world_size} process(es), {o.max_steps} steps -> {out}")
         with Learner(model, train_dl, loss_fn, opt, valid_dl=valid_dl, policy=policy, cbs=cbs, valid_every=o.eval_interval) as learn:
             learn.fit(max_steps=o.max_steps)
-            final = learn.validate()
+            # the fit's own last validation (same autocast) when it ran at this step, else one more
+            final = learn.metrics if learn.metrics and learn.metrics_step == learn.step else learn.validate()
         H = recipe.model.n_future
         per_head = [final[f"val_ce_h{k}"] for k in range(H)]
         tracker.log_metrics({f"final/val_loss_h{k}": v for k, v in enumerate(per_head)} | {"final/val_loss": final["val_loss"]}, learn.step)
@@ -339,6 +356,9 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         info.update(out=str(out), plots=[str(p) for p in plots], checkpoint=str(manager.latest()))
         say(_summary(info, out))
         return info
+    except BaseException as e:  # the MLflow run says how the run ended
+        if tracker is not None: tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         wdist.shutdown_distributed(ctx)
 
