@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .recipes import Config, Recipe, ConfigError, load_config, load_recipe, apply_overrides, config_hash
+from .recipes import Config, Recipe, DevicesConfig, ConfigError, load_config, load_recipe, apply_overrides, config_hash
 from .policy import DevicePolicy
 from .data import (ByteTokenizer, stdlib_documents, pack_documents, PackedDataset, RecordDataset, make_loader,
                        read_jsonl_records, humaneval_records)
@@ -21,7 +21,7 @@ from .loss import mtp_targets, weighted_mtp_loss
 from .learner import Learner, Callback
 from .callbacks import (GradAccumulation, GradClip, WarmupCosine, LRSchedule, EarlyStopping, NonFiniteGuard,
                             CheckpointCallback, TrackingCallback, ProgressCallback)
-from .weights import make_weighter
+from .weights import make_weighter, load_reference, unwrap_model
 from .checkpoint import CheckpointManager, export_safetensors, load_safetensors
 from .track import Tracker
 from .progress import plot_head_losses, plot_weight_histogram
@@ -78,8 +78,12 @@ def build_model(recipe: Recipe, tokenizer) -> MTPTransformer:
         raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
     return MTPTransformer(MTPConfig(vocab_size=tokenizer.vocab_size, **asdict(m)))
 
-def _reference_path(ref) -> Path:
-    p = Path(ref).expanduser()
+def _reference_path(recipe: Recipe) -> Path:
+    "The rho1 reference's model file, or a clear error when it is not given or not there."
+    if not recipe.weighter.reference:
+        raise ConfigError(f"{recipe.algorithm} needs a reference model: pass reference=DIR (weighter.reference), the "
+                          f"directory of a finished run, for example a baseline run")
+    p = Path(recipe.weighter.reference).expanduser()
     f = p / "model.safetensors" if p.is_dir() else p
     if not f.is_file():
         raise FileNotFoundError(f"rho1 reference not found: {f} (give reference=DIR, the directory of a finished run with "
@@ -97,11 +101,7 @@ def build_weighter(recipe: Recipe, model: MTPTransformer):
     elif alg == "critic":
         weighter = make_weighter("critic", d_model=model.cfg.d_model, gamma=w.gamma, lam=w.lam, beta=w.beta, w_min=w.w_min, w_max=w.w_max)
     else:
-        if not w.reference:
-            raise ConfigError(f"{alg} needs a reference model: pass reference=DIR (weighter.reference), the directory of a "
-                              f"finished run, for example a baseline run")
-        f = _reference_path(w.reference)
-        from wmtp.weights import load_reference
+        f = _reference_path(recipe)
         ref = load_reference(f, _run_model_config(f.parent) or model.cfg)
         weighter = make_weighter(alg, reference=ref, temperature=w.temperature, keep_ratio=w.keep_ratio)
     return weighter.bind(model)
@@ -124,7 +124,7 @@ class MTPLossFn:
         if model.training:
             wt = self.weighter(batch, out, targets)
             weights, sel = wt.weights, wt.selection_mask
-        inputs = dict(logits=out.logits) if out.logits is not None else dict(hidden=out.hidden, unembedding=_unembedding(model))
+        inputs = dict(logits=out.logits) if out.logits is not None else dict(hidden=out.hidden, unembedding=unwrap_model(model).unembedding)
         res = weighted_mtp_loss(targets=targets, weights=weights, selection_mask=sel, norm=self.loss.norm, path=path,
                                 chunk_size=self.loss.chunk_size, **inputs)
         rows = targets != -100
@@ -138,9 +138,6 @@ class MTPLossFn:
         # under the shared scale policy) for the global norm, positions for the per-token norm
         n = res.valid.sum() if self.loss.norm == "token" else rows.sum()
         return loss, n, extras
-
-def _unembedding(model):
-    return getattr(model, "unembedding", None) if hasattr(model, "unembedding") else model.module.unembedding
 
 # %% ../nbs/11_train.ipynb #e0dfef09
 class _ValueLoss:
@@ -236,11 +233,7 @@ class _ConfigHash(Callback):
 # %% ../nbs/11_train.ipynb #0ed76a9e
 def _preflight(recipe: Recipe):
     "Check what can be checked before anything is written: the rho1 reference, the corpus file."
-    if recipe.algorithm.startswith("rho1"):
-        if not recipe.weighter.reference:
-            raise ConfigError(f"{recipe.algorithm} needs a reference model: pass reference=DIR (weighter.reference), the "
-                              f"directory of a finished run, for example a baseline run")
-        _reference_path(recipe.weighter.reference)
+    if recipe.algorithm.startswith("rho1"): _reference_path(recipe)
     if recipe.data.corpus == "jsonl" and not (recipe.data.path and Path(recipe.data.path).is_file()):
         raise FileNotFoundError(f"data.corpus is 'jsonl' but data.path={recipe.data.path!r} is not a file")
 
@@ -255,7 +248,6 @@ def _policy(config: Config, verbose: bool) -> DevicePolicy:
     d = config.devices
     kw = dict(device=d.device, precision=d.precision, compile=d.compile, num_workers=d.num_workers, seed=config.seed)
     if d.profile:  # the profile first, then only what the user set explicitly
-        from wmtp.recipes import DevicesConfig
         base = DevicesConfig()
         kw = {k: v for k, v in kw.items() if k == "seed" or getattr(base, k) != v}
         return DevicePolicy.from_profile(d.profile, verbose=verbose, **kw)
