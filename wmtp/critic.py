@@ -208,7 +208,6 @@ def template_prior_auc(train_records, records) -> float:
     "AUC on `records` of the template baseline: score = the family's correct-rate in training."
     return roc_auc(template_prior(train_records, records), [bool(r["is_correct"]) for r in records])
 
-
 # %% ../nbs/08a_critic.ipynb #7040d74c
 def advantage_correlation(values: Tensor, reward: Tensor, labels: Tensor, gamma: float = 1.0, lam: float = 0.95,
                           const: float | None = None, ignore_index: int = -100) -> Tensor:
@@ -226,4 +225,3 @@ def advantage_correlation(self: CriticWeighter, batch: dict, out: MTPOutput, con
     "`advantage_correlation` of this critic's values on a batch (no grad): near 1 means it adds nothing to the reward."
     with torch.no_grad(): v = self._head()(out.trunk)
     return advantage_correlation(v, _reward(batch), batch["labels"], self.gamma, self.lam, const, self.ignore_index)
-

@@ -162,7 +162,6 @@ def encode_record(record: dict, tokenizer: Tokenizer, max_len: int, overflow: st
     "1-D `input_ids`, `labels` (prompt = -100), `attention_mask` (+ `reward`) of one record; None when it is dropped."
     return _encode(record, tokenizer, max_len, overflow)[0]
 
-
 # %% ../nbs/03_data.ipynb #77867f12
 def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     "Right-pad a list of `encode_record`-style dicts into a batch [B,S] (+ reward [B])."
@@ -213,7 +212,6 @@ class RecordDataset(Dataset):
     def __len__(self): return len(self.items)
     def __getitem__(self, i): return self.items[i]
 
-
 # %% ../nbs/03_data.ipynb #efbdd810
 def make_loader(dataset: Dataset, batch_size: int, policy=None, shuffle: bool = True, epoch: int = 0,
                 drop_last: bool = False) -> DataLoader:
@@ -241,7 +239,6 @@ def record_family(record: dict) -> str:
     m = _DEF.search(record["prompt"]) or re.search(r"\bdef\s+([A-Za-z_]\w*)\s*\(", record["prompt"])
     return m.group(1) if m else program_key(record)[0]
 
-
 # %% ../nbs/03_data.ipynb #947bb12e
 def dedupe_records(records: Sequence[dict]) -> list[dict]:
     "The records with duplicate programs (`program_key`) removed, the first of each kept, in order."
@@ -263,4 +260,3 @@ def split_records(records: Sequence[dict], valid_frac: float = 0.1, by: str = "p
         held = set(fams[:min(len(fams) - 1, max(1, round(valid_frac * len(fams))))])
     key = (lambda r: program_key(r)[0]) if by == "program" else record_family
     return [r for r in recs if key(r) not in held], [r for r in recs if key(r) in held]
-

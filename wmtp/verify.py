@@ -11,7 +11,6 @@ from typing import Sequence
 
 from .data import dedupe_records, program_key
 
-
 # %% auto #0
 __all__ = ['HELDOUT_FRAC', 'run_tests', 'run_tests_many', 'builtin_tasks', 'mutate_solution', 'labelled_records',
            'heldout_records']
@@ -112,7 +111,6 @@ def builtin_tasks(n: int = 64, seed: int = 0, split: str = "train") -> list[dict
                     "task_id": f"builtin/{i}" if split == "train" else f"builtin-{split}/{i}", "family": name})
     return out
 
-
 # %% ../nbs/03a_verify.ipynb #e46631fc
 _SYM = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.FloorDiv: "//", ast.Div: "/", ast.Mod: "%", ast.Lt: "<", ast.LtE: "<=",
         ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!=", ast.In: "in", ast.NotIn: "not in", ast.Is: "is",
@@ -185,4 +183,3 @@ def heldout_records(n_tasks: int = 60, seed: int = 0, n_mutants: int = 2, timeou
                     max_workers: int | None = None) -> list[dict]:
     "Labelled, deduplicated references and mutants of `n_tasks` held-out built-in tasks (no program shared with training)."
     return dedupe_records(labelled_records(builtin_tasks(n_tasks, seed=seed, split="heldout"), n_mutants, seed, timeout, max_workers))
-

@@ -57,7 +57,6 @@ def bounded_weights(logw: Tensor, counting: Tensor, w_min: float = 0.0, w_max: f
     s = torch.where(ok, s + ((n - fixed).clamp_min(1e-30) / free.clamp_min(1e-30)).log(), s)
     return clip(s)
 
-
 # %% ../nbs/08_weights.ipynb #3215079b
 def spread_to_heads(x: Tensor, H: int, offset: int, fill=0) -> Tensor:
     "out[b,t,k] = x[b, t+offset+k] (fill past the end): a per-token value for each (position, head) row."
