@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .core import sync
 from .loss import mtp_targets, mtp_cross_entropy
 from .data import ByteTokenizer, stdlib_documents, pack_documents, PackedDataset, make_loader
 from .verify import builtin_tasks, run_tests_many
@@ -82,11 +83,6 @@ def _as_prompt(p, i: int, device) -> Tensor:
         raise ValueError(f"prompts[{i}] must be a non-empty long tensor [S] or [1,S], got {got}")
     return p.reshape(1, -1).to(device)
 
-def _sync(device: torch.device):
-    "Wait for queued device work, so the clock measures it."
-    if device.type == "cuda": torch.cuda.synchronize(device)
-    elif device.type == "mps": torch.mps.synchronize()
-
 def speculative_report(model, # an MTPTransformer
                        prompts: Sequence[Tensor], # token ids, one [S] or [1,S] tensor per prompt
                        max_new_tokens: int, # tokens generated per prompt
@@ -98,9 +94,9 @@ def speculative_report(model, # an MTPTransformer
     prompts = [_as_prompt(p, i, dev) for i, p in enumerate(prompts)]
     if not prompts: raise ValueError("speculative_report: `prompts` is empty")
     def run(spec: bool):
-        _sync(dev); t0 = time.perf_counter()
+        sync(dev); t0 = time.perf_counter()
         res = [model.generate(p, max_new_tokens, speculative=spec, return_stats=True) for p in prompts]
-        _sync(dev)
+        sync(dev)
         return time.perf_counter() - t0, [r[0] for r in res], [r[1] for r in res]
     run(False); run(True)  # warm-up: first calls allocate caches and pick kernels
     times = {False: [], True: []}

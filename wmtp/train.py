@@ -21,7 +21,8 @@ from .loss import mtp_targets, weighted_mtp_loss
 from .learner import Learner, Callback
 from .callbacks import (GradAccumulation, GradClip, WarmupCosine, LRSchedule, EarlyStopping, NonFiniteGuard,
                             CheckpointCallback, TrackingCallback, ProgressCallback)
-from .weights import make_weighter, load_reference, unwrap_model
+from .core import launch_env, unwrap_model
+from .weights import make_weighter, load_reference
 from .checkpoint import CheckpointManager, export_safetensors, load_safetensors
 from .track import Tracker
 from .progress import plot_head_losses, plot_weight_histogram
@@ -271,9 +272,9 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
     t0 = time.time()
     out = Path(config.paths.out).expanduser().resolve()
     dc = config.distributed
-    if dc.strategy == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if dc.strategy == "none" and launch_env().world_size > 1:
         raise ConfigError("distributed.strategy is 'none' but torchrun started several processes")
-    policy = _policy(config, verbose=int(os.environ.get("RANK", "0")) == 0)
+    policy = _policy(config, verbose=launch_env().rank == 0)
     ctx = wdist.init_distributed(policy, backend=dc.backend, timeout_s=dc.timeout_s)
     main = ctx.is_main
     say = log if main else (lambda *a, **k: None)
