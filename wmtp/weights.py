@@ -16,6 +16,7 @@ from fastcore.basics import patch
 from .core import unwrap_model, did_you_mean
 from .loss import mtp_cross_entropy, mtp_targets
 from .model import MTPConfig, MTPOutput, MTPTransformer
+from .run import load_run
 
 # %% auto #0
 __all__ = ['WEIGHTERS', 'scale_weights', 'spread_to_heads', 'masked_stats', 'Weighting', 'Weighter', 'mtp_model',
@@ -126,15 +127,11 @@ class UniformWeighter(Weighter):
         return per_head.expand(targets.shape), None
 
 # %% ../nbs/08_weights.ipynb #37a06ae1
-def load_reference(path_or_dir, cfg: MTPConfig) -> MTPTransformer:
-    "A frozen reference model (eval, no grad) from a `model.safetensors` file or a run folder holding one."
-    from wmtp.checkpoint import load_safetensors
-    p = Path(path_or_dir)
-    if p.is_dir(): p = p / "model.safetensors"
-    if not p.is_file(): raise FileNotFoundError(f"rho1 reference model not found: {p} (give a run folder with model.safetensors, or the file)")
-    ref = MTPTransformer(cfg)
-    load_safetensors(ref, p)
-    return ref.eval().requires_grad_(False)
+def load_reference(path, cfg: MTPConfig | None = None) -> MTPTransformer:
+    "A frozen reference model (eval, no grad) from a run folder, its weights file or a checkpoint (`wmtp.run.load_run`)."
+    try: ref = load_run(path, cfg).model
+    except FileNotFoundError as e: raise FileNotFoundError(f"rho1 reference model not found: {e}") from None
+    return ref.requires_grad_(False)
 
 # %% ../nbs/08_weights.ipynb #2dca1e3d
 class Rho1Weighter(Weighter):
