@@ -23,7 +23,7 @@ from .callbacks import GradClip
 __all__ = ['DistContext', 'init_distributed', 'shutdown_distributed', 'rank0_print', 'barrier', 'all_reduce_mean', 'RankFailure',
            'collective_errors', 'mixed_precision', 'shard_model', 'replicate_module', 'place_weighter', 'grad_norm',
            'clip_grad_norm', 'DistGradClip', 'distributed_sampler', 'set_sampler_epoch', 'DistributedSamplerCallback',
-           'reshard', 'DistributedValidation']
+           'reshard', 'DistributedValidation', 'RankSlice']
 
 # %% ../nbs/10_distributed.ipynb #e9ce1e9b
 @dataclass
@@ -265,3 +265,15 @@ class DistributedValidation(Callback):
         with collective_errors(self.ctx, "validation"): dist.all_reduce(t)
         s, c = t[:len(keys)].tolist(), t[len(keys):].tolist()
         self.learn.metrics = {f"val_{k}": (a / b if b else float("nan")) for k, a, b in zip(keys, s, c)}
+
+# %% ../nbs/10_distributed.ipynb #335b35c1
+class RankSlice(Callback):
+    "Keep this rank's rows of every global batch (`rank::world_size`)."
+    order = -25  # before the device callback moves the batch
+    def __init__(self, rank: int, world_size: int): self.rank, self.world = rank, world_size
+    def before_batch(self):
+        b = self.learn.batch
+        n = len(b["input_ids"])
+        if n % self.world:
+            raise ValueError(f"global batch of {n} rows does not split over {self.world} ranks: use a batch_size divisible by the world size")
+        self.learn.batch = {k: v[self.rank::self.world] for k, v in b.items()}
