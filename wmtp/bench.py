@@ -18,8 +18,7 @@ from .loss import mtp_targets, weighted_mtp_loss
 from .loss_bench import bench_loss_paths
 from .model import MTPConfig, MTPTransformer
 from .policy import Capabilities, DevicePolicy
-from .weights import make_weighter
-import wmtp.critic  # registers the critic with make_weighter now, not halfway through a run
+from .weighters import make_weighter
 
 # %% auto #0
 __all__ = ['BENCH_SIZES', 'WEIGHTER_ROWS', 'median_time', 'bench_loss', 'make_train_step', 'bench_backends', 'bench_compile',

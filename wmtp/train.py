@@ -22,7 +22,7 @@ from .learner import Learner
 from .callbacks import (GradAccumulation, GradClip, WarmupCosine, LRSchedule, EarlyStopping, NonFiniteGuard,
                             CheckpointCallback, TrackingCallback, ProgressCallback, HeadHistory, WeighterState, ConfigHash)
 from .core import launch_env, unwrap_model
-from .weights import make_weighter
+from .weighters import make_weighter
 from .critic import fit_value_head
 from .checkpoint import CheckpointManager
 from .run import CHECKPOINTS, PLOTS, has_checkpoints, save_run_model, write_run_info
