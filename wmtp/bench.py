@@ -12,13 +12,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .core import sync
 from .data import ByteTokenizer
 from .loss import mtp_targets, weighted_mtp_loss
 from .loss_bench import bench_loss_paths
 from .model import MTPConfig, MTPTransformer
 from .policy import Capabilities, DevicePolicy
-from .weights import make_weighter
-import wmtp.critic  # registers the critic with make_weighter now, not halfway through a run
+from .weighters import make_weighter
+from .recipes import Recipe
+from .train import MTPLossFn
 
 # %% auto #0
 __all__ = ['BENCH_SIZES', 'WEIGHTER_ROWS', 'median_time', 'bench_loss', 'make_train_step', 'bench_backends', 'bench_compile',
@@ -63,7 +65,7 @@ def _say(msg: str):
 def _liger_row(shape: dict, device: str, repeats: int) -> dict | None:
     "Liger-Kernel's fused linear cross-entropy on CUDA (unweighted mean), or None where it is not installed."
     if not device.startswith("cuda") or importlib.util.find_spec("liger_kernel") is None: return None
-    from wmtp.loss_bench import _inputs, _sync
+    from wmtp.loss_bench import _inputs
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         targets, _, hidden, W = _inputs(shape["B"], shape["S"], shape["H"], shape["D"], shape["V"], torch.float32, device)
@@ -71,10 +73,10 @@ def _liger_row(shape: dict, device: str, repeats: int) -> dict | None:
         def step():
             hidden.grad = W.grad = None
             loss = fn(W, h, t); loss.backward(); return loss
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
-        loss = step(); torch.cuda.synchronize()
+        sync(device); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
+        loss = step(); sync(device)
         extra = (torch.cuda.max_memory_allocated() - before) / 2**20
-        t_s = median_time(step, lambda: _sync(device), repeats, warmup=0)
+        t_s = median_time(step, lambda: sync(device), repeats, warmup=0)
         return dict(path="liger_flce", time_s=t_s, extra_peak_mb=max(extra, 0.0), loss=float(loss), note="unweighted mean")
     except Exception as e:  # a peer that fails is reported, not fatal
         return dict(path="liger_flce", time_s=None, extra_peak_mb=None, loss=None, note=f"failed: {type(e).__name__}: {e}"[:200])
@@ -114,19 +116,16 @@ def _weighter(name: str, model: MTPTransformer, device):
 
 def make_train_step(cfg: MTPConfig, batch: dict, device="cpu", weighter: str = "baseline",
                     policy: DevicePolicy | None = None, seed: int = 0) -> Callable[[], float]:
-    "A closure that runs one training step (forward, weights, fused loss, backward, AdamW) and returns the loss."
+    "A closure that runs one training step of `wmtp train` (its loss function, backward, AdamW) and returns the loss."
     torch.manual_seed(seed)
     model = MTPTransformer(cfg).to(device)
     w = _weighter(weighter, model, device)
     opt = torch.optim.AdamW([*model.parameters(), *w.parameters()], lr=1e-3)
     fwd = policy.maybe_compile(model) if policy is not None else model
-    targets = mtp_targets(batch["labels"], cfg.n_future)
+    # the object `wmtp train` calls on every batch; a policy chooses the loss path as in a run whose recipe says auto
+    loss_fn = MTPLossFn(w, Recipe(), path=policy.loss_path if policy is not None else None)
     def step() -> float:
-        out = fwd(batch["input_ids"])
-        wt = w(batch, out, targets)
-        loss = weighted_mtp_loss(targets=targets, hidden=out.hidden, unembedding=model.unembedding,
-                                 weights=wt.weights, selection_mask=wt.selection_mask).loss
-        if (aux := w.aux_loss(batch, out)) is not None: loss = loss + aux
+        loss, _, _ = loss_fn(fwd, batch)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         return loss.item()
     return step
