@@ -288,11 +288,17 @@ class HeadHistory(Callback):
 class WeighterState(Callback):
     "Checkpoints carry the weighter (value head, running statistics); its statistics are logged."
     order = 97
-    def __init__(self, weighter, tracker, every: int): self.weighter, self.tracker, self.every = weighter, tracker, every
+    def __init__(self, weighter, tracker, every: int):
+        self.weighter, self.tracker, self.every, self.seen = weighter, tracker, every, {}
     def save_state(self, state: dict): state["weighter"] = self.weighter
     def after_step(self):
-        if self.tracker is not None and self.learn.step % self.every == 0:
-            self.tracker.log_metrics(self.weighter.stats(), self.learn.step)
+        if self.learn.step % self.every: return
+        st = self.weighter.stats()
+        for k, v in st.items(): self.seen.setdefault(k, []).append(v)
+        if self.tracker is not None: self.tracker.log_metrics(st, self.learn.step)
+    def summary(self) -> dict:
+        "Each statistic over the logging steps seen: its mean, min, max and count."
+        return {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in self.seen.items()}
 
 class ConfigHash(Callback):
     "Record the config hash in checkpoints; warn when resuming a checkpoint made by another recipe."

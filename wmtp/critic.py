@@ -15,12 +15,13 @@ from fastcore.basics import patch
 
 from .learner import Callback, Learner
 from .model import MTPOutput
-from .data import record_family
+from .data import record_family, RecordDataset, collate
+from .loss import mtp_targets, weighted_mtp_loss
 from .weights import Weighter, bounded_weights, masked_stats, mtp_model, spread_to_heads
 
 # %% auto #0
-__all__ = ['ValueHead', 'gae', 'CriticWeighter', 'fit_value_head', 'roc_auc', 'template_prior', 'template_prior_auc',
-           'advantage_correlation']
+__all__ = ['ValueHead', 'gae', 'CriticWeighter', 'advantage_correlation', 'fit_value_head', 'lm_stage', 'roc_auc',
+           'template_prior', 'template_prior_auc', 'critic_report']
 
 # %% ../nbs/08a_critic.ipynb #121ec663
 class ValueHead(nn.Module):
@@ -127,6 +128,18 @@ def load_state_dict(self: CriticWeighter, state: dict):
     self.adv_mean, self.adv_var, self.adv_count = (state[k].to(dev) for k in ("adv_mean", "adv_var", "adv_count"))
     self.stage = int(state["stage"])
 
+# %% ../nbs/08a_critic.ipynb #997e1af2
+def advantage_correlation(values: Tensor, reward: Tensor, labels: Tensor, gamma: float = 1.0, lam: float = 0.95,
+                          const: float | None = None, ignore_index: int = -100) -> Tensor:
+    "Pearson correlation over completion tokens of the GAE advantages of `values` and of a constant V (default: mean reward)."
+    tok = _episode(labels, ignore_index)[0]
+    c = reward.float().mean() if const is None else torch.as_tensor(const, dtype=torch.float32, device=values.device)
+    _, a = gae(values, reward, labels, gamma, lam, ignore_index)
+    _, a0 = gae(torch.zeros_like(values, dtype=torch.float32) + c, reward, labels, gamma, lam, ignore_index)
+    x, y = (masked_stats(t, tok) for t in (a, a0))
+    cov = torch.where(tok, (a - x["mean"]) * (a0 - y["mean"]), 0.0).sum() / tok.sum().clamp_min(1)
+    return cov / (x["std"] * y["std"]).clamp_min(1e-12)
+
 # %% ../nbs/08a_critic.ipynb #78048bf2
 def _reward(batch: dict) -> Tensor:
     if "reward" not in batch: raise KeyError(f"the critic needs batch['reward'] (1.0 correct / 0.0 incorrect); batch keys: {sorted(batch)}")
@@ -170,34 +183,68 @@ def _raw(self: CriticWeighter, batch, out, targets, valid):
     labels = batch["labels"]
     if labels.shape != targets.shape[:2]: raise ValueError(f"batch['labels'] {tuple(labels.shape)} does not match targets {tuple(targets.shape)}")
     tok = _episode(labels, self.ignore_index)[0]
-    _, adv = gae(self._head()(out.trunk), _reward(batch), labels, self.gamma, self.lam, self.ignore_index)
+    values, reward = self._head()(out.trunk), _reward(batch)
+    _, adv = gae(values, reward, labels, self.gamma, self.lam, self.ignore_index)
     z = self._whiten(adv, tok)
     logw = spread_to_heads(torch.where(tok, z / self.beta, 0.0), targets.shape[-1], 1)  # row (t, k): token t+1+k's
     self._last.update(advantage=masked_stats(adv, tok), whitened=masked_stats(z, tok))
+    # the diagnostic of a collapsed critic (see `advantage_correlation` below): near 1, its advantages are the reward's
+    if self.training: self._last["adv_corr"] = advantage_correlation(values, reward, labels, self.gamma, self.lam, None, self.ignore_index)
     return bounded_weights(logw, valid, self.w_min, self.w_max), None  # scale, then clamp: in the bounds and mean 1
 
 # %% ../nbs/08a_critic.ipynb #3cc7934c
 class _ValueLoss:
-    "Stage 1 of the critic: the value head's loss alone, the model run without gradients."
-    def __init__(self, weighter): self.weighter = weighter
+    "Stage 1 of the critic: the value head's loss alone, the model run without gradients unless the trunk learns too."
+    def __init__(self, weighter, train_trunk: bool = False): self.weighter, self.train_trunk = weighter, train_trunk
     def __call__(self, model, batch):
-        with torch.no_grad(): out = model(batch["input_ids"])
+        with torch.set_grad_enabled(self.train_trunk and torch.is_grad_enabled()): out = model(batch["input_ids"])
         loss = self.weighter.aux_loss(batch, out)
         n = (batch["labels"] != -100).sum()
         return loss, n, {}
 
-def fit_value_head(weighter: CriticWeighter, model: nn.Module, train_dl, steps: int, lr: float = 1e-3, policy=None, log=print) -> float:
-    "Fit the critic's value head for `steps` steps (the model left alone); return its last loss."
+def fit_value_head(weighter: CriticWeighter, model: nn.Module, train_dl, steps: int, lr: float = 1e-3, policy=None, log=print,
+                   train_trunk: bool = False) -> float:
+    "Fit the critic's value head for `steps` steps (with the trunk when `train_trunk`, else the model left alone); return its last loss."
     if not any(True for _ in weighter.parameters()): raise ValueError("the critic weighter has no value head parameters")
     weighter.stage = 1
-    opt = torch.optim.AdamW(weighter.parameters(), lr=lr)
+    head, detach = weighter._head(), weighter._head().detach_input
+    params = [*weighter.parameters(), *([p for p in model.parameters() if p.requires_grad] if train_trunk else [])]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     class _Keep(Callback):
         def after_loss(self): losses.append(float(self.learn.loss.detach()))
-    with Learner(model, train_dl, _ValueLoss(weighter), opt, policy=policy, cbs=[_Keep()]) as learn:
-        learn.fit(max_steps=steps)
+    head.detach_input = not train_trunk
+    try:
+        with Learner(model, train_dl, _ValueLoss(weighter, train_trunk), opt, policy=policy, cbs=[_Keep()]) as learn:
+            learn.fit(max_steps=steps)
+    finally: head.detach_input = detach
     weighter.stage = 2
-    log(f"critic stage 1: value loss {losses[0]:.4f} -> {np.mean(losses[-5:]):.4f} over {len(losses)} steps")
+    log(f"critic stage 1: value loss {losses[0]:.4f} -> {np.mean(losses[-5:]):.4f} over {len(losses)} steps"
+        f"{' (trunk trained with it)' if train_trunk else ''}")
+    return float(np.mean(losses[-5:]))
+
+# %% ../nbs/08a_critic.ipynb #fe77bfc3
+class _LMLoss:
+    "The unweighted MTP loss (every head), for the LM stage before the critic's stage 1."
+    def __call__(self, model, batch):
+        out = model(batch["input_ids"])
+        targets = mtp_targets(batch["labels"], out.hidden.shape[2])
+        res = weighted_mtp_loss(targets=targets, hidden=out.hidden, unembedding=mtp_model(model).unembedding)
+        return res.loss, (targets != -100).sum(), {}
+
+def lm_stage(model: nn.Module, train_dl, steps: int, lr: float = 3e-3, policy=None, log=print) -> float:
+    "Train `model` for `steps` steps on the unweighted MTP loss (the trunk learns features); return its last loss."
+    if steps <= 0: return float("nan")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))  # a short warmup
+    losses = []
+    class _Keep(Callback):
+        def after_loss(self): losses.append(float(self.learn.loss.detach()))
+        def after_step(self): sched.step()
+    with Learner(model, train_dl, _LMLoss(), opt, policy=policy, cbs=[_Keep()]) as learn:
+        learn.fit(max_steps=steps)
+    log(f"critic LM stage: loss {losses[0]:.4f} -> {np.mean(losses[-5:]):.4f} over {len(losses)} steps")
     return float(np.mean(losses[-5:]))
 
 # %% ../nbs/08a_critic.ipynb #9b67b955
@@ -235,19 +282,31 @@ def template_prior_auc(train_records, records) -> float:
     return roc_auc(template_prior(train_records, records), [bool(r["is_correct"]) for r in records])
 
 # %% ../nbs/08a_critic.ipynb #7040d74c
-def advantage_correlation(values: Tensor, reward: Tensor, labels: Tensor, gamma: float = 1.0, lam: float = 0.95,
-                          const: float | None = None, ignore_index: int = -100) -> Tensor:
-    "Pearson correlation over completion tokens of the GAE advantages of `values` and of a constant V (default: mean reward)."
-    tok = _episode(labels, ignore_index)[0]
-    c = reward.float().mean() if const is None else torch.as_tensor(const, dtype=torch.float32, device=values.device)
-    _, a = gae(values, reward, labels, gamma, lam, ignore_index)
-    _, a0 = gae(torch.zeros_like(values, dtype=torch.float32) + c, reward, labels, gamma, lam, ignore_index)
-    x, y = (masked_stats(t, tok) for t in (a, a0))
-    cov = torch.where(tok, (a - x["mean"]) * (a0 - y["mean"]), 0.0).sum() / tok.sum().clamp_min(1)
-    return cov / (x["std"] * y["std"]).clamp_min(1e-12)
-
 @patch
 def advantage_correlation(self: CriticWeighter, batch: dict, out: MTPOutput, const: float | None = None) -> Tensor:
     "`advantage_correlation` of this critic's values on a batch (no grad): near 1 means it adds nothing to the reward."
     with torch.no_grad(): v = self._head()(out.trunk)
     return advantage_correlation(v, _reward(batch), batch["labels"], self.gamma, self.lam, const, self.ignore_index)
+
+# %% ../nbs/08a_critic.ipynb #e426c0a2
+def critic_report(weighter: CriticWeighter, model: nn.Module, records, train_records, tokenizer, max_len: int,
+                  batch_size: int = 32, device=None) -> dict:
+    "Held-out AUC of the critic's values on labelled `records`, the template baseline's AUC, and value MSE vs base-rate MSE."
+    ds = RecordDataset(records, tokenizer, max_len)
+    if len(ds) == 0 or any("reward" not in it for it in ds.items): raise ValueError("critic_report needs labelled records that fit max_len")
+    was = model.training
+    model.eval()
+    try:
+        scores, ys = [], []
+        for i in range(0, len(ds), batch_size):
+            b = collate(ds.items[i:i + batch_size], getattr(tokenizer, "pad_id", 0))
+            if device is not None: b = {k: v.to(device) for k, v in b.items()}
+            with torch.no_grad(): scores.append(weighter.sequence_values(b, model(b["input_ids"])).float().cpu())
+            ys.append(b["reward"].float().cpu())
+    finally: model.train(was)
+    s, y = torch.cat(scores), torch.cat(ys)
+    base = sum(bool(r["is_correct"]) for r in train_records) / max(1, len(train_records))
+    kept = [r for r in records if RecordDataset([r], tokenizer, max_len).items]  # the records the scores belong to
+    return {"valid_auc": roc_auc(s, y), "prior_auc": template_prior_auc(train_records, kept), "n_valid": len(y),
+            "value_mse": float(((s - y) ** 2).mean()), "base_rate_mse": float(((base - y) ** 2).mean()),
+            "valid_correct_frac": float(y.mean())}

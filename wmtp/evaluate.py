@@ -19,6 +19,8 @@ from .loss import mtp_targets, mtp_cross_entropy
 from .data import ByteTokenizer, stdlib_documents, pack_documents, PackedDataset, make_loader
 from .verify import builtin_tasks, run_tests_many
 from .run import load_run
+from .recipes import Recipe, from_dict
+from .train import build_datasets
 
 # %% auto #0
 __all__ = ['STOP_SEQUENCES', 'per_head_metrics', 'speculative_report', 'pass_at_k', 'score_completions', 'sample_completions',
@@ -216,22 +218,33 @@ def _eval_policy(device, seed: int = 0):
     from wmtp.policy import DevicePolicy
     return DevicePolicy(device=device, precision="fp32", num_workers=0, seed=seed, verbose=False)
 
+def _valid_data(info: dict | None, tok, seq: int, n_rows: int, data: str = "run"):
+    "Validation rows and what they are: the run's own validation records (its recipe, via `build_datasets`), else stdlib code."
+    if data not in ("run", "stdlib"): raise ValueError(f"data must be 'run' or 'stdlib', got {data!r}")
+    recipe = (info or {}).get("recipe")
+    corpus = ((recipe or {}).get("data") or {}).get("corpus", "stdlib")
+    if data == "run" and corpus != "stdlib":
+        r = from_dict(Recipe, recipe)
+        _, valid = build_datasets(r, tok, seed=int(((info or {}).get("config") or {}).get("seed") or 0))
+        return valid, f"the run's validation records ({corpus}, {len(valid)} rows)"
+    docs = stdlib_documents("valid", max_bytes=4 * n_rows * seq + 2**16)  # the split `wmtp train` validates stdlib runs on
+    return PackedDataset(pack_documents(docs, tok, seq)), "stdlib validation code"
+
 def evaluate_model(model, info: dict | None = None, *, ks: Sequence[int] = (1,), samples: int | None = None,
                    tasks: str | None = None, max_problems: int = 8, max_new_tokens: int = 64,
                    temperature: float | None = None, valid_batches: int = 4, batch_size: int = 8, repeats: int = 3,
-                   timeout: float = 5.0, device: str = "auto", seed: int = 0) -> dict:
-    "Per-head metrics on stdlib validation code, the speculative decoding report and pass@k of `model`."
+                   timeout: float = 5.0, device: str = "auto", seed: int = 0, data: str = "run") -> dict:
+    "Per-head metrics on the run's validation data (`data='run'`) or stdlib code, the speculative decoding report and pass@k of `model`."
     ks = sorted(set(ks)); samples = samples or max(ks)
     temperature = (0.0 if samples == 1 else 0.8) if temperature is None else temperature
     tasks = tasks or ("humaneval" if _humaneval_installed() else "builtin")
     policy = _eval_policy(device, seed)
     model, tok, cfg = policy.to(model).eval(), ByteTokenizer(), model.cfg
     seq = min(cfg.max_seq_len, int(((info or {}).get("recipe") or {}).get("data", {}).get("seq_len") or cfg.max_seq_len))
-    docs = stdlib_documents("valid", max_bytes=4 * valid_batches * batch_size * seq + 2**16)
-    ds = PackedDataset(pack_documents(docs, tok, seq))
-    heads = per_head_metrics(model, make_loader(ds, batch_size, shuffle=False), policy, max_batches=valid_batches)
+    ds, source = _valid_data(info, tok, seq, valid_batches * batch_size, data)
+    heads = dict(per_head_metrics(model, make_loader(ds, batch_size, shuffle=False), policy, max_batches=valid_batches), data=source)
     plen = min(16, seq // 4)
-    spec = speculative_report(model, [ds.data[i, :plen] for i in range(min(4, len(ds)))],
+    spec = speculative_report(model, [ds[i]["input_ids"][:plen] for i in range(min(4, len(ds)))],
                               min(max_new_tokens, cfg.max_seq_len - plen), repeats=repeats)
     code = evaluate_pass_at_k(model, _problems(tasks, max_problems, seed), tok, samples, ks, temperature,
                               min(max_new_tokens, cfg.max_seq_len // 2), timeout, seed)
@@ -255,7 +268,7 @@ def format_report(result: dict, title: str = "wmtp eval") -> str:
     "Markdown tables of the per-head metrics, decoding speeds and pass@k."
     h, s, p = result["per_head"], result["speculative"], result["pass_at_k"]
     L = [f"## {title}", "", f"{result.get('params', 0):,} parameters on {result.get('device', '?')}; "
-         f"validation: {h['tokens'][0]:,} tokens (head 0) in {h['batches']} batch(es) of stdlib code", "",
+         f"validation: {h['tokens'][0]:,} tokens (head 0) in {h['batches']} batch(es) of {h.get('data', 'stdlib validation code')}", "",
          "| head | predicts | val loss | perplexity | top-1 acc |", "|---|---|---|---|---|"]
     L += [f"| head {k} | t+{k + 1} | {l:.4f} | {pp:.2f} | {a:.4f} |" for k, (l, pp, a) in enumerate(zip(h["loss"], h["perplexity"], h["accuracy"]))]
     L += [f"| all | | {h['loss_all']:.4f} | {math.exp(h['loss_all']):.2f} | |", "",
@@ -295,6 +308,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="sampling temperature (default: 0 for one sample, else 0.8)")
     p.add_argument("--valid-batches", type=int, default=4, help="validation batches for the per-head metrics (default 4)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--data", choices=["run", "stdlib"], default="run",
+                   help="per-head loss on the run's own validation data (default) or on stdlib validation code")
     p.add_argument("--repeats", type=int, default=3, help="timed decoding runs per mode (default 3)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per test program (default 5)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
@@ -322,7 +337,7 @@ def eval_main(argv=None) -> int:
         print(f"wmtp eval: error: {e}", file=sys.stderr); return 2
     res = evaluate_model(model, info, ks=a.k, samples=a.samples, tasks=a.tasks, max_problems=a.max_problems,
                          max_new_tokens=a.max_new_tokens, temperature=a.temperature, valid_batches=a.valid_batches,
-                         batch_size=a.batch_size, repeats=a.repeats, timeout=a.timeout, device=a.device, seed=a.seed)
+                         batch_size=a.batch_size, repeats=a.repeats, timeout=a.timeout, device=a.device, seed=a.seed, data=a.data)
     print(format_report(res, f"wmtp eval: {a.path} (step {step})"))
     if not a.no_track:
         run_id, uri = log_eval(res, run_dir, info, step)

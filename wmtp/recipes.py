@@ -96,6 +96,7 @@ class DataRecipe:
     max_files: Optional[int] = 300  # stdlib: cap on source files read
     max_bytes: Optional[int] = 2_000_000
     n_tasks: int = 200              # builtin-tasks: generated functions (each with mutants)
+    only_correct: bool = False      # train only on records that pass their tests (clean data, e.g. a Rho-1 reference)
 
 @dataclass
 class OptimRecipe:
@@ -129,8 +130,14 @@ class WeighterRecipe:
     beta: float = 1.0
     w_min: float = 0.1                  # critic (and rho1-weighted): every final weight lies in [w_min, w_max]
     w_max: float = 3.0                  # and the weights still average 1 (needs w_min <= 1 <= w_max)
-    stage1_steps: int = 100
+    stage1_steps: int = 100             # critic stage 1: steps of the value fit
     value_lr: float = 1e-3
+    lm_steps: int = 300                 # critic: plain LM steps before stage 1 so the trunk has features (0: none)
+    trunk_init: Optional[str] = None    # critic: a trained run directory whose weights start the model (no LM stage)
+    stage1_trunk: bool = True           # critic stage 1 trains the trunk with the value head (False: the head alone)
+    fit_in_stage2: bool = True          # critic: the value head keeps learning during the weighted training
+    detach_input: bool = True           # critic stage 2: the value loss does not reach the trunk
+    heldout_tasks: int = 64             # critic on builtin-tasks: fresh held-out tasks that measure stage 1 (0: none)
     reference: Optional[str] = None     # rho1: a run directory or a .safetensors file
     temperature: float = 2.0            # rho1-weighted: softmax temperature of the excess losses
     keep_ratio: float = 0.6             # rho1-tokenskip

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #b8d96151
 from __future__ import annotations
-import argparse, hashlib, math, random, sys, time
+import argparse, functools, math, random, sys, time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -14,8 +14,8 @@ import torch
 from .recipes import Config, Recipe, DevicesConfig, ConfigError, load_config, load_recipe, apply_overrides, config_hash
 from .policy import DevicePolicy
 from .data import (ByteTokenizer, stdlib_documents, pack_documents, PackedDataset, RecordDataset, make_loader,
-                       read_jsonl_records, humaneval_records)
-from .verify import builtin_tasks, labelled_records
+                       read_jsonl_records, humaneval_records, split_records, record_family)
+from .verify import builtin_tasks, labelled_records, heldout_records
 from .model import MTPConfig, MTPTransformer
 from .loss import mtp_targets, weighted_mtp_loss
 from .learner import Learner
@@ -23,28 +23,32 @@ from .callbacks import (GradAccumulation, GradClip, WarmupCosine, LRSchedule, Ea
                             CheckpointCallback, TrackingCallback, ProgressCallback, HeadHistory, WeighterState, ConfigHash)
 from .core import launch_env, unwrap_model
 from .weighters import make_weighter
-from .critic import fit_value_head
+from .critic import fit_value_head, lm_stage, critic_report
 from .checkpoint import CheckpointManager
-from .run import CHECKPOINTS, PLOTS, has_checkpoints, save_run_model, write_run_info
+from .run import CHECKPOINTS, PLOTS, has_checkpoints, save_run_model, write_run_info, load_run
 from .track import Tracker
 from .progress import plot_head_losses, plot_weight_histogram
 from . import distributed as wdist
 
 # %% auto #0
-__all__ = ['QUICK', 'resolve', 'seed_everything', 'build_datasets', 'build_model', 'build_weighter', 'MTPLossFn', 'train',
-           'train_main']
+__all__ = ['QUICK', 'QUICK_TASKS', 'resolve', 'seed_everything', 'build_datasets', 'build_model', 'build_weighter', 'MTPLossFn',
+           'train', 'train_main']
 
 # %% ../nbs/11_train.ipynb #08e66150
 QUICK = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
          "data.batch_size=4", "data.max_files=12", "data.max_bytes=120000", "data.n_tasks=16", "optim.max_steps=30",
          "optim.warmup_steps=5", "optim.eval_interval=15", "optim.eval_batches=2", "weighter.stage1_steps=15",
-         "checkpoints.save_interval=10", "tracking.log_every=5"]
+         "weighter.lm_steps=10", "weighter.heldout_tasks=12", "checkpoints.save_interval=10", "tracking.log_every=5"]
+# prompts are kept whole: at 64 tokens most task records would be dropped, at 192 every built-in task fits
+QUICK_TASKS = ["model.max_seq_len=192", "data.seq_len=192"]
 
 def resolve(config=None, recipe="baseline", overrides=(), quick=False) -> tuple[Config, Recipe]:
     "Load the config and recipe (objects, names or paths) and apply `--quick` then the user's overrides."
     config = config if isinstance(config, Config) else load_config(config)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    return apply_overrides(config, recipe, [*(QUICK if quick else []), *overrides])
+    c, r = apply_overrides(config, recipe, [*(QUICK if quick else []), *overrides])
+    if quick and r.data.corpus == "builtin-tasks": c, r = apply_overrides(config, recipe, [*QUICK, *QUICK_TASKS, *overrides])
+    return c, r
 
 # %% ../nbs/11_train.ipynb #514f19af
 def seed_everything(seed: int):
@@ -52,26 +56,34 @@ def seed_everything(seed: int):
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 # %% ../nbs/11_train.ipynb #8aec163c
-def _split_records(records, valid_frac=0.1):
-    "Deterministic split of records by a hash of their task (or prompt): no task is in both parts."
-    def key(r): return hashlib.sha1(str(r.get("task_id", r["prompt"])).encode()).digest()[0] / 256
-    return [r for r in records if key(r) >= valid_frac], [r for r in records if key(r) < valid_frac]
+@functools.lru_cache(maxsize=4)
+def _task_records(n_tasks: int, seed: int) -> tuple[dict, ...]:
+    "Labelled built-in task records (their tests run once per process: several runs in one process share them; read only)."
+    return tuple(labelled_records(builtin_tasks(n_tasks, seed=seed), n_mutants=2, seed=seed))
+
+@functools.lru_cache(maxsize=4)
+def _heldout(n_tasks: int, seed: int) -> tuple[dict, ...]: return tuple(heldout_records(n_tasks, seed=seed))
 
 def build_datasets(recipe: Recipe, tokenizer, seed: int = 0):
-    "Training and validation datasets for the recipe's corpus."
+    "Training and validation datasets for the recipe's corpus; record datasets have `counts` (whole, trimmed, dropped) and `records`."
     d = recipe.data
     if d.corpus == "stdlib":
         train = stdlib_documents("train", max_files=d.max_files, max_bytes=d.max_bytes)
         valid = stdlib_documents("valid", max_files=max(1, (d.max_files or 100) // 4), max_bytes=(d.max_bytes or 10**7) // 8)
         return (PackedDataset(pack_documents(train, tokenizer, d.seq_len)), PackedDataset(pack_documents(valid, tokenizer, d.seq_len)))
-    if d.corpus == "builtin-tasks": records = labelled_records(builtin_tasks(d.n_tasks, seed=seed), n_mutants=2, seed=seed)
+    if d.corpus == "builtin-tasks": records = list(_task_records(d.n_tasks, seed))
     elif d.corpus == "jsonl":
         if not d.path: raise ConfigError("data.corpus is 'jsonl' but data.path is not set: pass data.path=FILE.jsonl")
         records = read_jsonl_records(d.path)
     else: records = humaneval_records()
-    train, valid = _split_records(records)
+    train, valid = split_records(records, 0.1, by="program", seed=seed)  # deduplicated: no program in both
     if not valid: train, valid = train[1:], train[:1]
-    return RecordDataset(train, tokenizer, d.seq_len), RecordDataset(valid, tokenizer, d.seq_len)
+    if d.only_correct:  # clean data (a Rho-1 reference): training keeps the programs that pass; validation is unchanged
+        train = [r for r in train if r.get("is_correct")]
+        if not train: raise ConfigError("data.only_correct is set but no training record is labelled correct (is_correct)")
+    train_ds, valid_ds = RecordDataset(train, tokenizer, d.seq_len), RecordDataset(valid, tokenizer, d.seq_len)
+    train_ds.records, valid_ds.records = train, valid  # the critic's stage 1 reads the labels and families
+    return train_ds, valid_ds
 
 # %% ../nbs/11_train.ipynb #cdd190dc
 def build_model(recipe: Recipe, tokenizer) -> MTPTransformer:
@@ -93,9 +105,12 @@ def _reference_path(recipe: Recipe) -> Path:
                                 f"model.safetensors, for example a baseline run: `wmtp train --out DIR`)")
     return f
 
+# weighter settings that `train` reads (the critic's stage 1, rho1's reference), not the weighter itself
+_RUN_ONLY = ("stage1_steps", "value_lr", "reference", "lm_steps", "trunk_init", "stage1_trunk", "heldout_tasks")
+
 def build_weighter(recipe: Recipe, model: MTPTransformer):
     "The weighter of the recipe's algorithm (from the weighter registry), bound to `model`."
-    settings = {k: v for k, v in asdict(recipe.weighter).items() if k not in ("stage1_steps", "value_lr", "reference")}
+    settings = {k: v for k, v in asdict(recipe.weighter).items() if k not in _RUN_ONLY}
     # rho1 loads its reference in `bind`, with the shape in the reference's run.json (else the model's)
     ref = _reference_path(recipe) if recipe.algorithm.startswith("rho1") else None
     return make_weighter(recipe.algorithm, reference=ref, **settings).bind(model)
@@ -229,11 +244,54 @@ def _callbacks(config: Config, recipe: Recipe, opt, manager, tracker, weighter, 
     return cbs
 
 # %% ../nbs/11_train.ipynb #f0b6e78e
-def _critic_stage1(recipe: Recipe, weighter, model, train_dl, policy: DevicePolicy, resuming: bool, log=print):
-    "Fit the critic's value head before the weighted training (a resumed checkpoint already holds it)."
-    if recipe.algorithm != "critic": return
-    if not resuming: fit_value_head(weighter, model, train_dl, recipe.weighter.stage1_steps, recipe.weighter.value_lr, policy, log=log)
+def _trunk_has_features(recipe: Recipe) -> bool:
+    "Whether the model starts trained (a run's weights, or a pretrained model): then no LM stage is needed."
+    return bool(recipe.weighter.trunk_init or getattr(recipe.model, "pretrained", None))
+
+def _init_trunk(recipe: Recipe, model):
+    "Start the critic's model from a trained run's weights (`weighter.trunk_init`)."
+    if recipe.algorithm != "critic" or not recipe.weighter.trunk_init: return
+    try: model.load_state_dict(load_run(recipe.weighter.trunk_init).model.state_dict())
+    except RuntimeError as e:
+        raise ConfigError(f"weighter.trunk_init={recipe.weighter.trunk_init}: its model does not fit this recipe's model: {e}") from None
+
+def _stage1_sets(recipe: Recipe, train_ds, valid_ds, seed: int):
+    "Records of the value fit (one family's labels kept out), the held-out records it is measured on, the held-out family's."
+    recs = getattr(train_ds, "records", None) or []
+    fams, fam_recs = set(), []
+    if len({record_family(r) for r in recs}) > 2:  # one whole family stays out of the value fit: the held-out-family AUC
+        recs, fam_recs = split_records(recs, 0.1, by="family", seed=seed)
+        fams = {record_family(r) for r in fam_recs}
+    if recipe.data.corpus == "builtin-tasks" and recipe.weighter.heldout_tasks > 0:
+        held = list(_heldout(recipe.weighter.heldout_tasks, seed + 1))  # fresh programs that share no text with training
+    else: held = [r for r in getattr(valid_ds, "records", None) or [] if r.get("is_correct") is not None]
+    return recs, [r for r in held if record_family(r) not in fams], fam_recs + [r for r in held if record_family(r) in fams], sorted(fams)
+
+def _critic_stage1(recipe: Recipe, weighter, model, train_ds, valid_ds, tok, policy: DevicePolicy, resuming: bool,
+                   seed: int = 0, log=print) -> dict | None:
+    "The critic's stage 1 (a resumed checkpoint already holds it): an LM stage unless the trunk starts trained, the value fit, its measure."
+    if recipe.algorithm != "critic": return None
     weighter.stage = 2
+    if resuming: return None
+    w, bs = recipe.weighter, recipe.data.batch_size
+    loader = lambda ds: (lambda epoch: make_loader(ds, bs, policy, shuffle=True, epoch=epoch, drop_last=True))
+    lm_steps = 0 if _trunk_has_features(recipe) else w.lm_steps
+    if lm_steps: lm_stage(model, loader(train_ds), lm_steps, recipe.optim.lr, policy, log=log)
+    fit_recs, held, fam_held, fams = _stage1_sets(recipe, train_ds, valid_ds, seed)
+    fit_ds = RecordDataset(fit_recs, tok, recipe.data.seq_len) if fit_recs else train_ds
+    if len(fit_ds) < bs: fit_ds = train_ds
+    fit_value_head(weighter, model, loader(fit_ds), w.stage1_steps, w.value_lr, policy, log=log, train_trunk=w.stage1_trunk)
+    rep = {"lm_steps": lm_steps, "value_steps": w.stage1_steps, "trunk": "run" if w.trunk_init else "lm" if lm_steps else "as built"}
+    measure = lambda recs: critic_report(weighter, model, recs, fit_recs or held, tok, recipe.data.seq_len, device=policy.device)
+    try: rep.update(measure(held))
+    except ValueError as e: log(f"critic stage 1: not measured ({e})")
+    try: rep.update(family_auc=measure(fam_held)["valid_auc"], n_family=len(fam_held), heldout_families=fams)
+    except ValueError: pass
+    if "valid_auc" in rep:
+        log(f"critic stage 1: held-out AUC {rep['valid_auc']:.3f} on {rep['n_valid']} programs (template baseline "
+            f"{rep['prior_auc']:.3f}); value MSE {rep['value_mse']:.4f} vs base rate {rep['base_rate_mse']:.4f}"
+            + (f"; held-out family {', '.join(fams)}: AUC {rep['family_auc']:.3f}" if "family_auc" in rep else ""))
+    return rep
 
 def _fit(model, train_dl, valid_dl, loss_fn, opt, policy: DevicePolicy, cbs: list, o) -> tuple[Learner, dict]:
     "Train for `o.max_steps` steps; the Learner and the final validation metrics."
@@ -264,14 +322,14 @@ def _save_plots(out: Path, history, weights, tracker, main: bool) -> list[Path]:
 
 # %% ../nbs/11_train.ipynb #877e9865
 def _outputs(out: Path, t0: float, config: Config, recipe: Recipe, model, learn, final: dict, tracker, manager,
-             history, loss_fn, ctx) -> dict:
+             history, loss_fn, ctx, extra: dict | None = None) -> dict:
     "Log the final metrics, write the weights, run.json and the plots; the run's summary."
     per_head = [final[f"val_ce_h{k}"] for k in range(recipe.model.n_future)]
     tracker.log_metrics({f"final/val_loss_h{k}": v for k, v in enumerate(per_head)} | {"final/val_loss": final["val_loss"]}, learn.step)
     save_run_model(out, model)
     info = {**_run_info(model, config, recipe), "final_val_loss_per_head": per_head, "final_val_loss": final["val_loss"],
             "steps": learn.step, "run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri if tracker.enabled else None,
-            "wall_time_s": round(time.time() - t0, 2), "world_size": ctx.world_size}
+            "wall_time_s": round(time.time() - t0, 2), "world_size": ctx.world_size, **(extra or {})}
     plots = _save_plots(out, history.history, loss_fn.last_weights, tracker, ctx.is_main)
     if ctx.is_main: tracker.log_artifact(write_run_info(out, info))
     tracker.end("FINISHED")
@@ -302,6 +360,7 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         train_ds, valid_ds = build_datasets(recipe, tok, config.seed)
         _planned_ok(recipe, train_ds, valid_ds, ctx.world_size)
         model = build_model(recipe, tok)
+        _init_trunk(recipe, model)
         if ctx.is_main: write_run_info(out, _run_info(model, config, recipe))  # the shape first: checkpoints of an unfinished run load
         weighter = build_weighter(recipe, model).to(policy.device)
         model, opt = _place(model, weighter, recipe, policy, ctx)
@@ -310,7 +369,10 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         manager = CheckpointManager(out / CHECKPOINTS, keep_last=ck.keep_last, keep_best=ck.keep_best, best_metric="val_loss")
         resuming = resume and manager.latest() is not None
         tracker = Tracker(out, tracking_uri=tr.uri, experiment=tr.experiment, run_name=tr.run_name, enabled=tr.enabled and ctx.is_main)
-        _critic_stage1(recipe, weighter, model, train_dl, policy, resuming, log=say)
+        stage1 = _critic_stage1(recipe, weighter, model, train_ds, valid_ds, tok, policy, resuming, config.seed, log=say)
+        counts = {k: ds.counts for k, ds in (("train", train_ds), ("valid", valid_ds)) if hasattr(ds, "counts")}
+        tracker.log_metrics({f"data/{k}_{s}": v for k, c in counts.items() for s, v in c.items()}
+                            | {f"critic_stage1/{k}": v for k, v in (stage1 or {}).items() if isinstance(v, (int, float))}, 0)
         loss_fn = MTPLossFn(weighter, recipe, path=policy.loss_path)  # decided by `_policy`
         history = HeadHistory(tr.log_every)
         cbs = _callbacks(config, recipe, opt, manager, tracker, weighter, history, ctx, resume)
@@ -318,7 +380,9 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
             f"{model.num_params() if hasattr(model, 'num_params') else sum(p.numel() for p in model.parameters()):,} parameters, "
             f"{policy.device} {policy.precision}, {ctx.world_size} process(es), {recipe.optim.max_steps} steps -> {out}")
         learn, final = _fit(model, train_dl, valid_dl, loss_fn, opt, policy, cbs, recipe.optim)
-        info = _outputs(out, t0, config, recipe, model, learn, final, tracker, manager, history, loss_fn, ctx)
+        ws = next(c for c in cbs if isinstance(c, WeighterState))
+        extra = {"data_counts": counts, "weight_stats": ws.summary(), **({"critic_stage1": stage1} if stage1 else {})}
+        info = _outputs(out, t0, config, recipe, model, learn, final, tracker, manager, history, loss_fn, ctx, extra)
         say(_summary(info, out))
         return info
     except BaseException as e:  # the MLflow run says how the run ended
