@@ -56,16 +56,16 @@ class KVCache:
         self.v: list[Tensor | None] = [None] * n_layers
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        "Write `k`,`v` [B,nh,T,hd] after the cached positions of `layer`; return all keys and values so far."
+        "Write `k`,`v` [B,nh,T,hd] after the cached positions of `layer` (rows 0..B-1); return those rows' keys and values so far."
         B, nh, T, hd = k.shape
         end = self.length + T
         if end > self.max_len: raise ValueError(f"KVCache is full: {self.length} cached + {T} new > max_len={self.max_len}")
         if self.k[layer] is None:  # allocate lazily, so the cache takes the dtype (autocast) and device of the keys
             self.k[layer] = k.new_zeros(B, nh, self.max_len, hd)
             self.v[layer] = v.new_zeros(B, nh, self.max_len, hd)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer][:B, :, self.length:end] = k  # fewer rows than allocated: the first B (drafting heads drop out at the end)
+        self.v[layer][:B, :, self.length:end] = v
+        return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
 
     def crop(self, length: int):
         "Forget every position from `length` on."
@@ -73,6 +73,19 @@ class KVCache:
         self.length = length
 
 # %% ../nbs/04_model.ipynb #353100dc
+def _attend(q: Tensor, k: Tensor, v: Tensor, n_head: int, cache: KVCache | None, layer: int, dropout: float = 0.0) -> Tensor:
+    "Causal attention [B,Tq,D] of queries for the last Tq of T new positions over cached + new keys and values [B,T,D]."
+    B, Tq, D = q.shape
+    T = k.shape[1]
+    q, k, v = (t.view(B, t.shape[1], n_head, D // n_head).transpose(1, 2) for t in (q, k, v))
+    L = 0 if cache is None else cache.length
+    if cache is not None: k, v = cache.update(layer, k, v)
+    causal = L == 0 and Tq == T > 1
+    # query i sits at position L+T-Tq+i and may see keys 0..L+T-Tq+i (one query at the end sees everything: no mask)
+    mask = torch.ones(Tq, L + T, dtype=torch.bool, device=q.device).tril(L + T - Tq) if Tq > 1 and not causal else None
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+    return y.transpose(1, 2).reshape(B, Tq, D)
+
 class Block(nn.Module):
     "Pre-norm transformer block: causal self-attention and an MLP, each on the residual stream."
     def __init__(self, cfg: MTPConfig):
@@ -86,23 +99,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def attention(self, x: Tensor, cache: KVCache | None, layer: int, last: bool = False) -> Tensor:
-        B, T, D = x.shape
+        D = x.shape[-1]
         if last:  # keys and values for every new position, a query for the last one only
             k, v = F.linear(x, self.qkv.weight[D:]).split(D, dim=2)
             q = F.linear(x[:, -1:], self.qkv.weight[:D])
         else: q, k, v = self.qkv(x).split(D, dim=2)
-        Tq = q.shape[1]
-        q, k, v = (t.view(B, t.shape[1], self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        mask, causal = None, Tq > 1
-        if cache is not None:
-            L = cache.length
-            k, v = cache.update(layer, k, v)
-            causal = L == 0 and Tq > 1
-            if L > 0 and Tq > 1:  # query i sits at position L+i and may see keys 0..L+i
-                mask = torch.arange(L + T, device=x.device) <= (L + torch.arange(T, device=x.device))[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, Tq, D))
+        return self.proj(_attend(q, k, v, self.n_head, cache, layer, self.dropout if self.training else 0.0))
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, last: bool = False) -> Tensor:
         a = self.attention(self.norm1(x), cache, layer, last)
@@ -300,9 +302,9 @@ def _decode(self: MTPTransformer, ids, max_new_tokens, temperature, top_k, gener
 # %% ../nbs/04_model.ipynb #2c62386d
 @patch
 def _draft_state(self: MTPTransformer) -> dict:
-    "What the draft heads keep between passes: parallel heads a KV cache; sequential modules one cache each and each depth's hidden states."
+    "What the draft heads keep between passes: parallel heads their stacked weights and a KV cache; sequential modules one cache each and each depth's hidden states."
     c, n = self.cfg, self.n_future - 1
-    if c.heads == "parallel": return dict(cache=KVCache(n * c.n_head_layers, c.max_seq_len))
+    if c.heads == "parallel": return dict(cache=KVCache(c.n_head_layers, c.max_seq_len), weights=self._stacked_heads() if n else [])
     if c.heads == "sequential": return dict(caches=[KVCache(c.n_head_layers, c.max_seq_len) for _ in range(n)], hidden=[None] * n)
     return {}
 
@@ -312,15 +314,34 @@ def _draft(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Te
     return getattr(self, f"_draft_{self.cfg.heads}")(st, x, seq, m)
 
 @patch
+def _stacked_heads(self: MTPTransformer) -> list[dict]:
+    "Heads 1..H-1's block weights stacked over heads, layer by layer, transposed for `bmm` (drafting runs the heads as one batch)."
+    D, out = self.cfg.d_model, []
+    for j in range(self.cfg.n_head_layers):
+        blks = [head[j] for head in self.heads[1:]]
+        st = lambda f: torch.stack([f(b) for b in blks])
+        out.append(dict(n1=st(lambda b: b.norm1.weight)[:, None], n2=st(lambda b: b.norm2.weight)[:, None], eps=blks[0].norm1.eps,
+                        q=st(lambda b: b.qkv.weight[:D].T), kv=st(lambda b: b.qkv.weight[D:].T), proj=st(lambda b: b.proj.weight.T),
+                        fc=st(lambda b: b.fc.weight.T), out=st(lambda b: b.out.weight.T)))
+    return out
+
+def _batched_block(w: dict, h: Tensor, cache: KVCache, layer: int, last: bool, n_head: int) -> Tensor:
+    "The blocks of K heads at once on `h` [K,T,D] (eval mode): `Block.forward` with each head's weights on one row of a batch."
+    m, D = h.shape[0], h.shape[-1]
+    w = {k: v[:m] if isinstance(v, Tensor) else v for k, v in w.items()}
+    a = F.rms_norm(h, (D,), eps=w["eps"]) * w["n1"]
+    k, v = torch.bmm(a, w["kv"]).split(D, dim=2)
+    h = h[:, -1:] if last else h
+    h = h + torch.bmm(_attend(torch.bmm(a[:, -h.shape[1]:], w["q"]), k, v, n_head, cache, layer), w["proj"])
+    return h + torch.bmm(F.gelu(torch.bmm(F.rms_norm(h, (D,), eps=w["eps"]) * w["n2"], w["fc"])), w["out"])
+
+@patch
 def _draft_parallel(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
-    "Heads 1..m at p'; before p' their last block writes keys and values only."
-    cache, HL, outs = st["cache"], self.cfg.n_head_layers, []
-    for k, head in enumerate(self.heads[1:1 + m]):
-        h = x
-        for j, blk in enumerate(head): h = blk(h, cache, k * HL + j, last=j == HL - 1)
-        outs.append(h[:, -1])
-    cache.length += x.shape[1]
-    return F.linear(self.norm(torch.cat(outs)), self.unembedding).argmax(-1)
+    "Heads 1..m as one batch, at p'; before p' their last block writes keys and values only."
+    h, HL = x.expand(m, *x.shape[1:]), self.cfg.n_head_layers  # every head reads the trunk output
+    for j, w in enumerate(st["weights"]): h = _batched_block(w, h, st["cache"], j, j == HL - 1, self.cfg.n_head)
+    st["cache"].length += x.shape[1]
+    return F.linear(self.norm(h[:, -1]), self.unembedding).argmax(-1)
 
 @patch
 def _draft_mlp(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
