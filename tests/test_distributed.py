@@ -190,7 +190,7 @@ def reference(tmp_path_factory):
 
 
 # the critic's quick data (builtin tasks) with 40 tasks: with fewer, the last validation batch has 1 row,
-# which wmtp.train.RankSlice cannot split over 2 ranks
+# which wmtp.distributed.RankSlice cannot split over 2 ranks
 _CRITIC = ["data.n_tasks=40"]
 
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from .core import is_distributed, world_size
 from .learner import Callback, CancelFitException, CancelStepException, WeightedMeans
 from .checkpoint import CheckpointManager
 from .progress import TrainingProgress
@@ -18,12 +19,9 @@ from .track import Tracker
 
 # %% auto #0
 __all__ = ['GradAccumulation', 'GradClip', 'WarmupCosine', 'LRSchedule', 'EarlyStopping', 'NonFiniteGuard', 'CheckpointCallback',
-           'TrackingCallback', 'ProgressCallback']
+           'TrackingCallback', 'ProgressCallback', 'HeadHistory', 'WeighterState', 'ConfigHash']
 
 # %% ../nbs/07a_callbacks.ipynb #0c09672e
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
 class GradAccumulation(Callback):
     "Step once every `n_acc` batches with the gradient of sum(loss_i * n_i) / sum(n_i) over them."
     order = -30
@@ -36,12 +34,12 @@ class GradAccumulation(Callback):
         self.n = torch.as_tensor(self.learn.n_tokens, dtype=torch.float32, device=self.learn.loss.device)
         if self.ref is None:
             self.ref = self.n.clamp(min=1)
-            if _world() > 1: dist.all_reduce(self.ref, op=dist.ReduceOp.MAX)  # one reference on every rank
+            if world_size() > 1: dist.all_reduce(self.ref, op=dist.ReduceOp.MAX)  # one reference on every rank
         self.learn.loss_grad = self.learn.loss_grad * (self.n / self.ref)
     def after_backward(self): self.count, self.total = self.count + 1, self.total + self.n
     def before_step(self):
         if self.count < self.n_acc: raise CancelStepException()
-        total, world = self.total.clone(), _world()
+        total, world = self.total.clone(), world_size()
         if world > 1: dist.all_reduce(total)  # the tokens of every rank
         # a python float: one sync per step, and it multiplies FSDP2's DTensor gradients too
         scale = float(self.ref * world / total.clamp(min=1))
@@ -149,7 +147,7 @@ class NonFiniteGuard(Callback):
             grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                      for g in l.opt.param_groups for p in g["params"] if p.grad is not None]
             if grads: bad = bad + (~torch.isfinite(nn.utils.get_total_norm(grads))).float().to(bad.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank must make the same choice
         if not float(bad): return
         msg = f"non-finite loss or gradient at step {l.step} (epoch {l.epoch}, batch {l.batch_in_epoch})"
@@ -271,3 +269,36 @@ class ProgressCallback(Callback):
     def cleanup_fit(self):
         self.active = False
         if self.progress is not None: self.progress.close()
+
+# %% ../nbs/07a_callbacks.ipynb #889952da
+class HeadHistory(Callback):
+    "Per-head training CE every `every` steps, for the loss-per-head plot."
+    order = 96
+    def __init__(self, every: int): self.every, self.history, self.sums = every, [], {}
+    def after_loss(self):
+        if not self.learn.training: return
+        for k, (s, c) in self.learn.extras.items():
+            a, b = self.sums.get(k, (0.0, 0.0)); self.sums[k] = (a + float(s), b + float(c))
+    def after_step(self):
+        if self.learn.step % self.every: return
+        self.history.append((self.learn.step, {k.replace("ce_", "head "): s / max(c, 1) for k, (s, c) in self.sums.items()}))
+        self.sums = {}
+
+# %% ../nbs/07a_callbacks.ipynb #84a96ab5
+class WeighterState(Callback):
+    "Checkpoints carry the weighter (value head, running statistics); its statistics are logged."
+    order = 97
+    def __init__(self, weighter, tracker, every: int): self.weighter, self.tracker, self.every = weighter, tracker, every
+    def save_state(self, state: dict): state["weighter"] = self.weighter
+    def after_step(self):
+        if self.tracker is not None and self.learn.step % self.every == 0:
+            self.tracker.log_metrics(self.weighter.stats(), self.learn.step)
+
+class ConfigHash(Callback):
+    "Record the config hash in checkpoints; warn when resuming a checkpoint made by another recipe."
+    def __init__(self, h: str): self.h = h
+    def save_state(self, state: dict): state["trainer"]["config_hash"] = self.h
+    def load_state(self, plain: dict):
+        old = plain["trainer"].get("config_hash")
+        if old and old != self.h:
+            warnings.warn(f"resuming a checkpoint made with another config/recipe (hash {old}, now {self.h}): results will differ from an uninterrupted run")
