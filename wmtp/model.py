@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_model.ipynb #f5e832ef
 from __future__ import annotations
-import difflib, math
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 
+from .core import did_you_mean
 from .stack import stack_heads
 
 # %% auto #0
@@ -44,8 +45,7 @@ class MTPConfig:
         if self.d_model % self.n_head: raise ValueError(f"MTPConfig.d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0: raise ValueError(f"MTPConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.heads not in HEAD_LAYOUTS:
-            near = difflib.get_close_matches(str(self.heads), HEAD_LAYOUTS, n=1)
-            raise ValueError(f"MTPConfig.heads must be one of {', '.join(HEAD_LAYOUTS)}, got {self.heads!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+            raise ValueError(f"MTPConfig.heads must be one of {', '.join(HEAD_LAYOUTS)}, got {self.heads!r}{did_you_mean(self.heads, HEAD_LAYOUTS)}")
 
 # %% ../nbs/04_model.ipynb #45523451
 class KVCache:

@@ -77,10 +77,11 @@ class ModelRecipe:
     n_layer: int = 2
     n_head: int = 4
     n_future: int = 4
-    n_head_layers: int = 1
+    n_head_layers: int = 1          # per head: blocks (parallel), blocks per module (sequential), residual blocks (mlp)
     max_seq_len: int = 128
     dropout: float = 0.0
     tie_embeddings: bool = True
+    heads: str = "parallel"         # head layout: parallel (Meta) | sequential (DeepSeek-V3) | mlp (Medusa)
 
 @dataclass
 class DataRecipe:
@@ -194,14 +195,15 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
 # %% ../nbs/09_recipes.ipynb #cf2b7739
 _CHOICES = {"algorithm": ALGORITHMS, "loss.norm": ("global", "token"), "loss.path": ("auto", "flatten", "per_head", "fused"),
             "data.corpus": ("stdlib", "builtin-tasks", "jsonl", "humaneval"), "optim.nonfinite": ("skip", "stop"),
-            "distributed.strategy": ("auto", "none", "fsdp2"), "distributed.backend": ("auto", "gloo", "nccl")}
+            "distributed.strategy": ("auto", "none", "fsdp2"), "distributed.backend": ("auto", "gloo", "nccl"),
+            "model.heads": ("parallel", "sequential", "mlp")}
 
 def _get(obj, dotted):
     for part in dotted.split("."): obj = getattr(obj, part)
     return obj
 
 _POSITIVE = ("optim.max_steps", "optim.grad_accum", "optim.eval_batches", "optim.eval_interval", "data.seq_len", "data.batch_size",
-             "data.n_tasks", "model.d_model", "model.n_layer", "model.n_head", "model.n_future", "model.max_seq_len",
+             "data.n_tasks", "model.d_model", "model.n_layer", "model.n_head", "model.n_future", "model.max_seq_len", "model.n_head_layers",
              "checkpoints.keep_last", "tracking.log_every", "optim.lr")
 
 def validate(obj):
@@ -293,4 +295,5 @@ def config_hash(config: Config, recipe: Recipe) -> str:
     "A short hash of everything that changes the trained weights."
     payload = {"recipe": asdict(recipe), "seed": config.seed, "precision": config.devices.precision}
     payload["recipe"]["optim"].pop("eval_interval", None)
+    if payload["recipe"]["model"].get("heads") == "parallel": del payload["recipe"]["model"]["heads"]  # the default: runs from before the field keep their hash
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
