@@ -15,7 +15,7 @@ from fastcore.basics import patch
 
 from .learner import Callback, Learner
 from .model import MTPOutput
-from .weights import Weighter, masked_stats, mtp_model, register_weighter, spread_to_heads
+from .weights import Weighter, masked_stats, mtp_model, spread_to_heads
 
 # %% auto #0
 __all__ = ['ValueHead', 'gae', 'CriticWeighter', 'fit_value_head', 'roc_auc']
@@ -172,8 +172,6 @@ def _raw(self: CriticWeighter, batch, out, targets, valid):
     w_tok = torch.where(tok, (z / self.beta).exp().clamp(self.w_min, self.w_max), 0.0)
     self._last.update(advantage=masked_stats(adv, tok), whitened=masked_stats(z, tok))
     return spread_to_heads(w_tok, targets.shape[-1], 1), None  # row (t, k) takes the weight of token t+1+k
-
-register_weighter("critic", CriticWeighter)
 
 # %% ../nbs/08a_critic.ipynb #3cc7934c
 class _ValueLoss:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from . import core
 from .core import is_distributed, is_main, launch_env
 from .learner import Callback
 from .callbacks import GradClip
@@ -79,11 +80,11 @@ def init_distributed(policy_or_device=None,  # a `DevicePolicy`, a device or its
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if backend == "auto": backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda": raise ValueError(f"backend='nccl' needs CUDA, the device is {dev}: use gloo")
-    if not dist.is_initialized():
+    if not is_distributed():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
-    elif (dist.get_rank(), dist.get_world_size()) != (rank, world):
-        raise RuntimeError(f"a process group is already initialised as rank {dist.get_rank()} of {dist.get_world_size()}; the environment says {rank} of {world}")
+    elif (core.rank(), core.world_size()) != (rank, world):
+        raise RuntimeError(f"a process group is already initialised as rank {core.rank()} of {core.world_size()}; the environment says {rank} of {world}")
     from torch.distributed.device_mesh import init_device_mesh
     return DistContext(rank, local, world, dev, init_device_mesh(dev.type, (world,)), backend, float(timeout_s))
 
