@@ -98,17 +98,12 @@ class Block(nn.Module):
         self.out = nn.Linear(cfg.mlp_ratio * D, D, bias=False)  # residual projection (scaled init)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def attention(self, x: Tensor, cache: KVCache | None, layer: int, last: bool = False) -> Tensor:
-        D = x.shape[-1]
-        if last:  # keys and values for every new position, a query for the last one only
-            k, v = F.linear(x, self.qkv.weight[D:]).split(D, dim=2)
-            q = F.linear(x[:, -1:], self.qkv.weight[:D])
-        else: q, k, v = self.qkv(x).split(D, dim=2)
+    def attention(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=2)
         return self.proj(_attend(q, k, v, self.n_head, cache, layer, self.dropout if self.training else 0.0))
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, last: bool = False) -> Tensor:
-        a = self.attention(self.norm1(x), cache, layer, last)
-        x = (x[:, -1:] if last else x) + self.drop(a)
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.drop(self.attention(self.norm1(x), cache, layer))
         return x + self.drop(self.out(F.gelu(self.fc(self.norm2(x)))))
 
 # %% ../nbs/04_model.ipynb #8b221a3d
