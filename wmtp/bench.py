@@ -54,7 +54,7 @@ BENCH_SIZES = {
         loss=[dict(V=32768, B=1, S=64, H=4, D=64), dict(V=131072, B=1, S=16, H=4, D=64)], loss_repeats=2,
         loss_peers=[], peer_repeats=1,  # torch's linear_cross_entropy takes seconds per step on CPU: full run only
         model=dict(d_model=64, n_layer=2, n_head=4, max_seq_len=64), batch=(4, 64), deep_trunk=None, step_repeats=3,
-        compile=False, decode=dict(d_model=64, n_layer=2, max_steps=60, target_loss=0.3, lr=2e-3, period=48, prompt=16, new_tokens=48, repeats=3)),
+        compile=False, decode=dict(d_model=64, n_layer=2, max_steps=300, target_loss=0.3, lr=2e-3, period=48, prompt=16, new_tokens=48, repeats=3)),
 }
 
 def _say(msg: str):
