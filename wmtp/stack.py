@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['MPS_MAX_ELEMENTS', 'MPS_MAX_BYTES', 'check_stack_size', 'stack_heads']
+__all__ = ['MPS_MAX_ELEMENTS', 'MPS_MAX_BYTES', 'check_stack_size', 'stack_heads', 'SimulatedMPS']
 
 # %% ../nbs/00_stack.ipynb #adc8ab19
 MPS_MAX_ELEMENTS = 2**31  # the most elements one MPS tensor may hold
@@ -57,3 +57,27 @@ def stack_heads(tensors: Sequence[Tensor], # H tensors of one shape, e.g. [B,S,X
     check_stack_size(first.device.type, shape, first.dtype)
     if first.device.type == "mps": return _stack_by_copy(tensors, dim)
     return torch.stack(tensors, dim=dim)  # a fresh tensor: already contiguous
+
+# %% ../nbs/00_stack.ipynb #20d83b7c
+class SimulatedMPS(Tensor):
+    "For tests on the CPU: a CPU tensor that says it is on MPS and, like MPS, refuses float64 results until copied to the CPU."
+    @staticmethod
+    def __new__(cls, x: Tensor):
+        r = Tensor._make_wrapper_subclass(cls, x.shape, strides=x.stride(), dtype=x.dtype, device=torch.device("mps"))
+        r.x = x
+        return r
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+        kwargs = kwargs or {}
+        unwrap = lambda t: t.x if isinstance(t, SimulatedMPS) else t
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"): return out  # left "MPS"
+        def wrap(t):
+            if not isinstance(t, Tensor): return t
+            if t.dtype == torch.float64: raise TypeError(f"{func}: MPS has no float64 (simulated): copy to the CPU first")
+            return SimulatedMPS(t)
+        return tree_map(wrap, out)
+
+    def __repr__(self): return f"SimulatedMPS({self.x!r})"
