@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_policy.ipynb #a3cc900a
 from __future__ import annotations
-import difflib, functools, inspect, os, platform, random, re
+import difflib, functools, inspect, os, platform, random, re, sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.resources import files
@@ -16,7 +16,7 @@ import yaml
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['Capabilities', 'DevicePolicy', 'profile_names', 'load_profile']
+__all__ = ['MPS_MIN_TORCH', 'Capabilities', 'DevicePolicy', 'profile_names', 'load_profile']
 
 # %% ../nbs/02_policy.ipynb #dce8ebc6
 def _ver(s: str) -> tuple[int, ...]:
@@ -27,6 +27,17 @@ def _try(fn: Callable, default=None):
     "Call `fn`, or return `default` where the backend raises (torch.mps.* raise on Linux)."
     try: return fn()
     except Exception: return default
+
+MPS_MIN_TORCH = (2, 8)  # index_copy_ on MPS (pytorch #154326) and a GradScaler without float64 on MPS (#150255)
+
+def _macos_version(newer: Callable | None = None, # (major, minor) -> bool; None: torch.backends.mps.is_macos_or_newer
+                   mac_ver: Callable = platform.mac_ver) -> str:
+    "The macOS version, asked of the OS through torch; platform.mac_ver() only where torch cannot say."
+    s = mac_ver()[0]
+    newer = newer or torch.backends.mps.is_macos_or_newer
+    major = next((m for m in (26, 15, 14, 13, 12, 11) if _try(lambda: newer(m, 0), False)), None)
+    if major is None: return s
+    return s if _ver(s)[:1] == (major,) else f"{major}.0"  # e.g. Python built for 10.x reports "10.16" on macOS 14
 
 @dataclass
 class Capabilities:
@@ -39,13 +50,13 @@ class Capabilities:
     compile_ok: bool = True       # torch.compile exists in this build
     cpu_count: int = 1
     cuda_name: str = ""
-    mps_fp16: bool | None = None  # fp16 autocast on MPS; None: derived from the torch version
+    mps_fp16: bool | None = None  # fp16 autocast + GradScaler on MPS; None: derived from the torch version
     mps_bf16: bool | None = None  # bf16 autocast on MPS; None: derived from the torch and macOS versions
 
     def __post_init__(self):
         t, m = _ver(self.torch_version), _ver(self.macos)
-        if self.mps_fp16 is None: self.mps_fp16 = self.mps and t >= (2, 5)
-        if self.mps_bf16 is None: self.mps_bf16 = self.mps and t >= (2, 6) and m >= (14,)
+        if self.mps_fp16 is None: self.mps_fp16 = self.mps and t >= MPS_MIN_TORCH
+        if self.mps_bf16 is None: self.mps_bf16 = self.mps and t >= MPS_MIN_TORCH and m >= (14,)
 
     @classmethod
     def detect(cls) -> Capabilities:
@@ -56,7 +67,7 @@ class Capabilities:
             except TypeError: return torch.cuda.is_bf16_supported()  # older torch: no emulation flag
         return cls(cuda=cuda, cuda_bf16=cuda and bool(_try(bf16, False)),
                    mps=bool(_try(lambda: torch.backends.mps.is_available(), False)),
-                   macos=platform.mac_ver()[0], torch_version=torch.__version__,
+                   macos=_macos_version() if sys.platform == "darwin" else "", torch_version=torch.__version__,
                    compile_ok=hasattr(torch, "compile"), cpu_count=os.cpu_count() or 1,
                    cuda_name=_try(torch.cuda.get_device_name, "") if cuda else "")
 
@@ -74,24 +85,32 @@ def _canon_precision(p) -> str:
     if s == "auto": return s
     raise ValueError(f"precision={p!r} is not one of auto|fp32|bf16|fp16 (aliases: {', '.join(sum(_ALIASES.values(), ()))})")
 
+def _check_mps_torch(dev: torch.device, caps: Capabilities) -> torch.device:
+    "`dev`, unless it is MPS with a torch too old to train there."
+    if dev.type == "mps" and _ver(caps.torch_version) < MPS_MIN_TORCH:
+        raise RuntimeError(f"training on MPS needs torch >= 2.8 (here torch {caps.torch_version}): before 2.8 MPS has no index_copy_, "
+                           f"which the fused loss uses, and the fp16 GradScaler crashes at its first step (it calls .double()). "
+                           f"Upgrade with pip install -U 'torch>=2.8', or pass device='cpu'")
+    return dev
+
 def _resolve_device(req, caps: Capabilities) -> tuple[torch.device, str]:
     "The device for `req` ('auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device), and why."
     avail = [d for d, ok in (("cuda", caps.cuda), ("mps", caps.mps), ("cpu", True)) if ok]
-    if str(req) == "auto": return torch.device(avail[0]), f"auto: the first available of cuda, mps, cpu; here: {', '.join(avail)}"
+    if str(req) == "auto": return _check_mps_torch(torch.device(avail[0]), caps), f"auto: the first available of cuda, mps, cpu; here: {', '.join(avail)}"
     try: dev = torch.device(req)
     except (RuntimeError, TypeError) as e: raise ValueError(f"device={req!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from e
     if dev.type not in ("cpu", "cuda", "mps"): raise ValueError(f"device={req!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     if dev.type not in avail:
         raise RuntimeError(f"device={req!r} was requested but {dev.type.upper()} is not available on this machine (available: {', '.join(avail)})")
-    return dev, "requested"
+    return _check_mps_torch(dev, caps), "requested"
 
 def _unsupported(dev: str, caps: Capabilities) -> dict[str, str]:
     "Precisions `dev` cannot honour, each with the reason (fp32 always works)."
     t, m = caps.torch_version, caps.macos or "none"
     if dev == "cuda": return {} if caps.cuda_bf16 else {"bf16": f"{caps.cuda_name or 'this CUDA device'} has no native bf16 (needs compute capability >= 8.0)"}
     if dev == "mps":
-        no = {} if caps.mps_bf16 else {"bf16": f"bf16 autocast on MPS needs torch >= 2.6 and macOS >= 14 (here torch {t}, macOS {m})"}
-        if not caps.mps_fp16: no["fp16"] = f"fp16 autocast on MPS needs torch >= 2.5 (here torch {t})"
+        no = {} if caps.mps_bf16 else {"bf16": f"bf16 autocast on MPS needs torch >= 2.8 and macOS >= 14 (here torch {t}, macOS {m})"}
+        if not caps.mps_fp16: no["fp16"] = f"fp16 with a GradScaler on MPS needs torch >= 2.8 (here torch {t})"
         return no
     return {"fp16": "fp16 on CPU is slow and needs a GradScaler; use bf16 or fp32"}
 
@@ -151,9 +170,11 @@ class DevicePolicy:
         "A fresh autocast context for the device and dtype; a no-op context for fp32."
         return nullcontext() if self.amp_dtype is None else torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    scaler_cls = torch.amp.GradScaler  # a run over several processes sets one whose skip decision all ranks share
+
     def grad_scaler(self, **kwargs) -> torch.amp.GradScaler | None:
         "A GradScaler for fp16 (its small range needs loss scaling); None for bf16 and fp32."
-        return torch.amp.GradScaler(self.device.type, **kwargs) if self.precision == "fp16" else None
+        return self.scaler_cls(self.device.type, **kwargs) if self.precision == "fp16" else None
 
 # %% ../nbs/02_policy.ipynb #f0c6927e
 _MPS_WORKERS = ("num_workers=0 on MPS: macOS starts DataLoader workers as fresh interpreters that re-import "
