@@ -7,19 +7,13 @@ FSDP2's DTensor gradients do not drift even there: since pytorch PR #132816 (tor
 `found_inf` itself; the test records that too, so a change in torch shows up here.
 This file is also the worker: torchrun runs it as a script.
 """
-import json, os, socket, subprocess, sys
+import json, subprocess, sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(scaler_name: str, fsdp: bool, ctx, out: Path):
@@ -64,11 +58,11 @@ def _worker(out: Path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    from conftest import free_port, subprocess_env
     out = tmp_path_factory.mktemp("scaler")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), __file__, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+           "--master_port", str(free_port()), __file__, str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
 
