@@ -182,7 +182,7 @@ def reference(tmp_path_factory):
 
 # the critic's quick data (builtin tasks) with 40 tasks: with fewer, the last validation batch has 1 row,
 # which wmtp.distributed.RankSlice cannot split over 2 ranks
-_CRITIC = ["data.n_tasks=40"]
+_CRITIC = ["data.n_tasks=40", "data.seq_len=128", "model.max_seq_len=128"]  # at --quick's 64 tokens most task records do not fit
 
 
 @pytest.mark.slow

@@ -257,7 +257,7 @@ def weighted_mtp_loss(*, targets: Tensor, # [B,S,H] integer targets, e.g. from `
                       weights: Tensor | None = None, # [B,S,H] >= 0, detached here (None: all ones)
                       selection_mask: Tensor | None = None, # [B,S,H] bool, False drops a row
                       ignore_index: int = -100, # the target value that is not trained on
-                      norm: str = "global", # "global": sum(w*m*ce)/sum(w*m); "token": per-position mean, then mean
+                      norm: str = "global", # "global": sum(w*m*ce)/sum(w*m); "token": per-position mean, then mean (weights across positions cancel)
                       path: str = "auto", # "auto", "flatten", "per_head" or "fused"
                       chunk_size: int | None = None, # rows per chunk on the fused path (None: about 2^24/V)
                       compile: bool = False, # compile the CE computation with torch.compile (eager where that fails)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_recipes.ipynb #ffc7f257
 from __future__ import annotations
-import dataclasses, hashlib, json, types, typing
+import dataclasses, hashlib, json, types, typing, warnings
 from dataclasses import dataclass, field, fields, asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
@@ -21,12 +21,16 @@ __all__ = ['ALGORITHMS', 'CONFIG_DIR', 'SHORT_NAMES', 'DevicesConfig', 'PathsCon
 # %% ../nbs/09_recipes.ipynb #71899b23
 @dataclass
 class DevicesConfig:
-    "Device, precision, compile and loader policy (see `wmtp.policy.DevicePolicy`)."
-    device: str = "auto"            # auto | cpu | cuda | mps
-    precision: str = "auto"         # auto | fp32 | bf16 | fp16
-    compile: bool = False           # torch.compile the model (falls back to eager where it fails)
-    num_workers: Union[int, str] = "auto"
-    profile: Optional[str] = None   # a profile name (wmtp/configs/profiles) or a YAML path, overlaid first
+    "Settings for `wmtp.policy.DevicePolicy`, each optional: unset (None) takes the profile's, else the policy's default (auto)."
+    device: Optional[str] = None       # auto | cpu | cuda | cuda:N | mps
+    precision: Optional[str] = None    # auto | fp32 | bf16 | fp16
+    compile: Optional[bool] = None     # torch.compile the model (falls back to eager where it fails); off by default
+    num_workers: Union[int, str, None] = None  # DataLoader workers: auto or a number
+    profile: Optional[str] = None      # a profile name (wmtp/configs/profiles) or a YAML path: a partial config under these
+
+    def settings(self) -> dict:
+        "The settings this config sets (not None), as `DevicePolicy` keyword arguments."
+        return {k: v for k, v in asdict(self).items() if k != "profile" and v is not None}
 
 @dataclass
 class PathsConfig:
@@ -123,12 +127,12 @@ class WeighterRecipe:
     gamma: float = 1.0                  # critic
     lam: float = 0.95
     beta: float = 1.0
-    w_min: float = 0.1
-    w_max: float = 3.0
+    w_min: float = 0.1                  # critic (and rho1-weighted): every final weight lies in [w_min, w_max]
+    w_max: float = 3.0                  # and the weights still average 1 (needs w_min <= 1 <= w_max)
     stage1_steps: int = 100
     value_lr: float = 1e-3
     reference: Optional[str] = None     # rho1: a run directory or a .safetensors file
-    temperature: float = 1.0            # rho1-weighted
+    temperature: float = 2.0            # rho1-weighted: softmax temperature of the excess losses
     keep_ratio: float = 0.6             # rho1-tokenskip
 
 @dataclass
@@ -215,7 +219,19 @@ def validate(obj):
         try: value = _get(obj, key)
         except AttributeError: continue
         if not value > 0: raise ConfigError(f"'{key}' must be > 0, got {value!r}")
+    _check_weighting(obj)
     return obj
+
+def _check_weighting(obj):
+    "Weight bounds that can average 1; a warning when a weighting algorithm meets the per-token norm."
+    try: alg, norm, w = obj.algorithm, obj.loss.norm, obj.weighter
+    except AttributeError: return  # a Config
+    if alg in ("critic", "rho1-weighted") and not 0 <= w.w_min <= 1 <= w.w_max:
+        raise ConfigError(f"'weighter.w_min' and 'weighter.w_max' must satisfy 0 <= w_min <= 1 <= w_max (weights average 1), "
+                          f"got {w.w_min!r} and {w.w_max!r}")
+    if alg != "baseline" and norm == "token":
+        warnings.warn(f"algorithm {alg!r} with loss.norm='token': the per-token norm cancels weights across positions (with one "
+                      f"head the loss is the unweighted one); use loss.norm='global' for the weights to act", stacklevel=2)
 
 # %% ../nbs/09_recipes.ipynb #d9d94f08
 import wmtp
@@ -291,6 +307,6 @@ def apply_overrides(config: Config, recipe: Recipe, overrides=()) -> tuple[Confi
 # %% ../nbs/09_recipes.ipynb #3cf3bf7f
 def config_hash(config: Config, recipe: Recipe) -> str:
     "A short hash of everything that changes the trained weights."
-    payload = {"recipe": asdict(recipe), "seed": config.seed, "precision": config.devices.precision}
+    payload = {"recipe": asdict(recipe), "seed": config.seed, "precision": config.devices.precision or "auto"}
     payload["recipe"]["optim"].pop("eval_interval", None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -156,21 +156,19 @@ def _planned_ok(recipe: Recipe, train_ds, valid_ds, world_size: int = 1):
                           f"validation batch (there are {len(valid_ds)} validation rows): raise data.n_tasks or lower data.batch_size")
 
 # %% ../nbs/11_train.ipynb #a5bd15a1
-def _policy(config: Config, verbose: bool) -> DevicePolicy:
-    d = config.devices
-    kw = dict(device=d.device, precision=d.precision, compile=d.compile, num_workers=d.num_workers, seed=config.seed)
-    if d.profile:  # the profile first, then only what the user set explicitly
-        base = DevicesConfig()
-        kw = {k: v for k, v in kw.items() if k == "seed" or getattr(base, k) != v}
-        return DevicePolicy.from_profile(d.profile, verbose=verbose, **kw)
-    return DevicePolicy(verbose=verbose, **kw)
+def _policy(config: Config, recipe: Recipe, verbose: bool) -> DevicePolicy:
+    "The device policy: a profile's settings under those the config sets, and the loss path (the recipe's unless it says auto)."
+    kw = config.devices.settings()  # only what the config sets: an explicit `device=auto` wins over a profile
+    if recipe.loss.path != "auto": kw["loss_path"] = recipe.loss.path
+    kw.update(seed=config.seed, verbose=verbose)
+    return DevicePolicy.from_profile(config.devices.profile, **kw) if config.devices.profile else DevicePolicy(**kw)
 
-def _start(config: Config) -> tuple[DevicePolicy, wdist.DistContext]:
+def _start(config: Config, recipe: Recipe) -> tuple[DevicePolicy, wdist.DistContext]:
     "The device policy, and this process's place in the job (one process unless torchrun started several)."
     dc, env = config.distributed, launch_env()
     if dc.strategy == "none" and env.world_size > 1:
         raise ConfigError("distributed.strategy is 'none' but torchrun started several processes")
-    policy = _policy(config, verbose=env.rank == 0)
+    policy = _policy(config, recipe, verbose=env.rank == 0)
     return policy, wdist.init_distributed(policy, backend=dc.backend, timeout_s=dc.timeout_s)
 
 # %% ../nbs/11_train.ipynb #72711b39
@@ -293,7 +291,7 @@ def _summary(info: dict, out: Path) -> str:
 def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     "Run the recipe under the config; return a summary (paths, final validation loss per head, wall time)."
     t0, out = time.time(), Path(config.paths.out).expanduser().resolve()
-    policy, ctx = _start(config)
+    policy, ctx = _start(config, recipe)
     say = log if ctx.is_main else (lambda *a, **k: None)
     tracker = None
     try:
@@ -313,7 +311,7 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         resuming = resume and manager.latest() is not None
         tracker = Tracker(out, tracking_uri=tr.uri, experiment=tr.experiment, run_name=tr.run_name, enabled=tr.enabled and ctx.is_main)
         _critic_stage1(recipe, weighter, model, train_dl, policy, resuming, log=say)
-        loss_fn = MTPLossFn(weighter, recipe, path=policy.loss_path if recipe.loss.path == "auto" else None)
+        loss_fn = MTPLossFn(weighter, recipe, path=policy.loss_path)  # decided by `_policy`
         history = HeadHistory(tr.log_every)
         cbs = _callbacks(config, recipe, opt, manager, tracker, weighter, history, ctx, resume)
         say(f"wmtp train: {recipe.algorithm} on {recipe.data.corpus} ({len(train_ds)} training rows), "
