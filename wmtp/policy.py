@@ -6,10 +6,10 @@
 from __future__ import annotations
 import functools, inspect, os, platform, random, re, sys
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Union, get_args, get_type_hints
 
 import torch
 import yaml
@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from .core import did_you_mean, process_memory, sync
 
 # %% auto #0
-__all__ = ['MPS_MIN_TORCH', 'Capabilities', 'DevicePolicy', 'profile_names', 'load_profile']
+__all__ = ['MPS_MIN_TORCH', 'Capabilities', 'DevicePolicy', 'DeviceSettings', 'profile_names', 'load_profile']
 
 # %% ../nbs/02_policy.ipynb #dce8ebc6
 def _ver(s: str) -> tuple[int, ...]:
@@ -299,8 +299,23 @@ def describe(self: DevicePolicy) -> str:
     return "\n".join(lines + [f"note        : {m}" for m in self.notes])
 
 # %% ../nbs/02_policy.ipynb #4167262b
-_PROFILE_TYPES = dict(device=(str,), precision=(str, int), compile=(bool, str), num_workers=(int, str),
-                      seed=(int,), loss_path=(str,), verbose=(bool,))
+@dataclass
+class DeviceSettings:
+    "The settings of a `DevicePolicy` that a profile or a config may set; None leaves one to the layer below."
+    device: Optional[str] = None                # auto | cpu | cuda | cuda:N | mps
+    precision: Union[str, int, None] = None     # auto | fp32 | bf16 | fp16 (or an alias)
+    compile: Union[bool, str, None] = None      # torch.compile the model: True (inductor) or a backend name; eager where it fails
+    num_workers: Union[int, str, None] = None   # DataLoader workers: auto or a number
+    loss_path: Optional[str] = None             # auto | flatten | per_head | fused
+
+    def settings(self) -> dict:
+        "The settings this sets (not None), as `DevicePolicy` keyword arguments."
+        return {f.name: getattr(self, f.name) for f in fields(DeviceSettings) if getattr(self, f.name) is not None}
+
+def _setting_types() -> dict[str, tuple[type, ...]]:
+    "Each setting's allowed types, read from `DeviceSettings`' annotations (None aside)."
+    hints = get_type_hints(DeviceSettings)
+    return {f.name: tuple(t for t in (get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)) for f in fields(DeviceSettings)}
 
 def _profile_dir() -> Path:
     "Where the shipped profiles are (package data)."
@@ -310,17 +325,18 @@ def profile_names() -> list[str]:
     "Names of the shipped profiles."
     return sorted(p.stem for p in _profile_dir().glob("*.yaml"))
 
-def _check_settings(d: dict, where: str):
-    "Raise on a key DevicePolicy does not take (naming the closest one) or a value of the wrong type."
+def _check_settings(d: dict, where: str, extra: dict | None = None):
+    "Raise on a key that is not a setting (naming the closest one) or a value of the wrong type."
+    types_ = {**_setting_types(), **(extra or {})}
     for k, v in d.items():
-        if k not in _PROFILE_TYPES:
-            raise ValueError(f"{where}: unknown key {k!r}{did_you_mean(k, _PROFILE_TYPES)}; valid keys: {', '.join(_PROFILE_TYPES)}")
-        types = _PROFILE_TYPES[k]
-        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-            raise TypeError(f"{where}: key {k!r} must be {' or '.join(t.__name__ for t in types)}, got {type(v).__name__} {v!r}")
+        if k not in types_:
+            raise ValueError(f"{where}: unknown key {k!r}{did_you_mean(k, types_)}; valid keys: {', '.join(types_)}")
+        ok = types_[k]
+        if not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok):
+            raise TypeError(f"{where}: key {k!r} must be {' or '.join(t.__name__ for t in ok)}, got {type(v).__name__} {v!r}")
 
-def load_profile(name_or_path) -> dict:
-    "The policy defaults overlaid by a shipped profile (by name) or a YAML file (by path)."
+def load_profile(name_or_path) -> DeviceSettings:
+    "The settings of a shipped profile (by name) or a YAML file (by path): only those it names are set."
     p = Path(name_or_path)
     if p.suffix not in (".yaml", ".yml") and len(p.parts) == 1:
         if str(name_or_path) not in profile_names():
@@ -330,12 +346,13 @@ def load_profile(name_or_path) -> dict:
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict): raise ValueError(f"profile {p}: expected a mapping of settings, got {type(data).__name__}")
     _check_settings(data, where=f"profile {p}")
-    defaults = {k: v.default for k, v in inspect.signature(DevicePolicy.__init__).parameters.items() if k in _PROFILE_TYPES}
-    return {**defaults, **data}
+    return DeviceSettings(**data)
+
+_RUN_KWARGS = dict(seed=(int,), verbose=(bool,))  # policy arguments that belong to a run, not to a device: never in a profile
 
 @patch(cls_method=True)
 def from_profile(cls: DevicePolicy, name_or_path, **overrides) -> DevicePolicy:
     "A policy from a profile, with keyword overrides on top (`caps` may be injected too)."
     caps = overrides.pop("caps", None)
-    _check_settings(overrides, where="from_profile overrides")
-    return cls(**{**load_profile(name_or_path), **overrides}, caps=caps)
+    _check_settings(overrides, where="from_profile overrides", extra=_RUN_KWARGS)
+    return cls(**{**load_profile(name_or_path).settings(), **overrides}, caps=caps)
