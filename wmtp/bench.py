@@ -23,9 +23,9 @@ from .recipes import Recipe
 from .train import MTPLossFn
 
 # %% auto #0
-__all__ = ['BENCH_SIZES', 'WEIGHTER_ROWS', 'median_time', 'bench_loss', 'make_train_step', 'bench_backends', 'bench_compile',
-           'bench_weighters', 'side_by_side', 'work_bound', 'bench_heads', 'bench_compile_layouts', 'bench_decoding',
-           'targets', 'report_markdown', 'plot_report', 'run_bench', 'bench_main']
+__all__ = ['BENCH_SIZES', 'MPS_BENCH_LOGITS', 'WEIGHTER_ROWS', 'median_time', 'bench_loss', 'make_train_step', 'bench_backends',
+           'bench_compile', 'bench_weighters', 'side_by_side', 'work_bound', 'bench_heads', 'bench_compile_layouts',
+           'bench_decoding', 'targets', 'report_markdown', 'plot_report', 'run_bench', 'bench_main']
 
 # %% ../nbs/13_bench.ipynb #d5c519e4
 def median_time(fn: Callable[[], object], # the work to time (called warmup + repeats times)
@@ -81,18 +81,29 @@ def _liger_row(shape: dict, device: str, repeats: int) -> dict | None:
     except Exception as e:  # a peer that fails is reported, not fatal
         return dict(path="liger_flce", time_s=None, extra_peak_mb=None, loss=None, note=f"failed: {type(e).__name__}: {e}"[:200])
 
+MPS_BENCH_LOGITS = 2**27  # the most [B,S,H,V] logits elements the bench builds on MPS (512 MB in fp32)
+
+def _loss_paths_for(device: str, shape: dict) -> list[str]:
+    "The loss paths the bench runs for `shape` on `device`: on MPS, no logits paths above MPS_BENCH_LOGITS."
+    n = shape["B"] * shape["S"] * shape["H"] * shape["V"]
+    return ["fused"] if device.startswith("mps") and n > MPS_BENCH_LOGITS else ["flatten", "per_head", "fused"]
+
 def bench_loss(devices: list[str], sizes: dict) -> list[dict]:
     "Time and extra peak memory of every loss path, per device and vocabulary size, with ratios against flatten."
     rows = []
     for dev in devices:
         for shape in sizes["loss"]:
             _say(f"loss paths on {dev}, {shape}")
-            res = bench_loss_paths(**shape, device=dev, repeats=sizes["loss_repeats"], paths=["flatten", "per_head", "fused"])
+            paths = _loss_paths_for(dev, shape)
+            res = bench_loss_paths(**shape, device=dev, repeats=sizes["loss_repeats"], paths=paths)
+            if "flatten" not in paths:
+                n = shape["B"] * shape["S"] * shape["H"] * shape["V"]
+                res[0]["note"] = f"flatten and per_head skipped on MPS: {n * 4 / 2**30:.1f} GB of fp32 logits in the Mac's shared memory"
             if sizes.get("loss_peers"): res += bench_loss_paths(**shape, device=dev, repeats=sizes["peer_repeats"], paths=sizes["loss_peers"])
             if (lig := _liger_row(shape, dev, sizes["loss_repeats"])) is not None: res.append(lig)
-            base = next(r for r in res if r["path"] == "flatten")
+            base = next((r for r in res if r["path"] == "flatten"), None)
             for r in res:
-                ok = r.get("time_s") is not None
+                ok = r.get("time_s") is not None and base is not None
                 rows.append(dict(device=dev, **shape, **r, x_time=r["time_s"] / base["time_s"] if ok else None,
                                  x_less_memory=max(base["extra_peak_mb"], 1.0) / max(r["extra_peak_mb"], 1.0) if ok else None))
     return rows
@@ -308,7 +319,8 @@ def report_markdown(res: dict) -> str:
          f"devices: {', '.join(m['devices'])} · {m.get('wall_s', 0):.0f} s", "", "## Targets", ""]
     L += _table(["target", "measured", "goal", "met"], [[t["target"], t["measured"], t["goal"], {True: "yes", False: "**no**", None: "n/a"}[t["met"]]]
                                                       for t in res["targets"]])
-    L += ["", "## Loss paths (forward + backward)", ""]
+    L += ["", "## Loss paths (forward + backward)", "",
+          "Extra peak memory: the process's peak RSS on the CPU, torch's peak allocation on CUDA, the Metal driver allocation on MPS.", ""]
     L += _table(["device", "V", "B x S x H, D", "path", "time (s)", "x time", "CPU time (s)", "extra peak (MB)", "x less memory", "loss"],
                 [[r["device"], r["V"], f"{r['B']}x{r['S']}x{r['H']}, {r['D']}", r["path"] + (f" ({r['note']})" if r.get("note") else ""),
                   _f(r["time_s"]), _f(r["x_time"], ".2f"), _f(r.get("cpu_s")), _f(r["extra_peak_mb"], ".0f"), _f(r["x_less_memory"], ".1f"), _f(r["loss"], ".4f")]

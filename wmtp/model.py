@@ -15,7 +15,7 @@ from torch import Tensor
 from fastcore.basics import patch
 
 from .core import did_you_mean
-from .stack import stack_heads
+from .stack import check_stack_size, stack_heads
 
 # %% auto #0
 __all__ = ['HEAD_LAYOUTS', 'MTPConfig', 'KVCache', 'Block', 'SeqModule', 'MLPHeads', 'MTPOutput', 'MTPTransformer']
@@ -208,7 +208,11 @@ class MTPTransformer(nn.Module):
         if kv_cache is not None: kv_cache.length += T
         lg = None
         if logits == "head0": lg = self.lm_head(outs[0])
-        elif logits == "all": lg = stack_heads([self.lm_head(o) for o in outs], dim=2)
+        elif logits == "all":  # MPS's size limit is checked before any head's [B,S,V] logits exist
+            dev = x.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.unembedding.dtype
+            check_stack_size(dev, (B, T, H, self.unembedding.shape[0]), dt, what="logits='all'")
+            lg = stack_heads([self.lm_head(o) for o in outs], dim=2)
         return MTPOutput(stack_heads(outs, dim=2), x, lg)
 
     def _check_inputs(self, input_ids, logits, kv_cache, H):

@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 import yaml
 
 from .core import suggest
+from .policy import DeviceSettings
 
 # %% auto #0
 __all__ = ['ALGORITHMS', 'CONFIG_DIR', 'SHORT_NAMES', 'DevicesConfig', 'PathsConfig', 'TrackingConfig', 'CheckpointsConfig',
@@ -20,17 +21,9 @@ __all__ = ['ALGORITHMS', 'CONFIG_DIR', 'SHORT_NAMES', 'DevicesConfig', 'PathsCon
 
 # %% ../nbs/09_recipes.ipynb #71899b23
 @dataclass
-class DevicesConfig:
-    "Settings for `wmtp.policy.DevicePolicy`, each optional: unset (None) takes the profile's, else the policy's default (auto)."
-    device: Optional[str] = None       # auto | cpu | cuda | cuda:N | mps
-    precision: Optional[str] = None    # auto | fp32 | bf16 | fp16
-    compile: Optional[bool] = None     # torch.compile the model (falls back to eager where it fails); off by default
-    num_workers: Union[int, str, None] = None  # DataLoader workers: auto or a number
+class DevicesConfig(DeviceSettings):
+    "The config's device settings (`wmtp.policy.DeviceSettings`, each optional: unset takes the profile's, else the policy's default)."
     profile: Optional[str] = None      # a profile name (wmtp/configs/profiles) or a YAML path: a partial config under these
-
-    def settings(self) -> dict:
-        "The settings this config sets (not None), as `DevicePolicy` keyword arguments."
-        return {k: v for k, v in asdict(self).items() if k != "profile" and v is not None}
 
 @dataclass
 class PathsConfig:
