@@ -250,8 +250,8 @@ def lm_stage(model: nn.Module, train_dl, steps: int, lr: float = 3e-3, policy=No
 # %% ../nbs/08a_critic.ipynb #9b67b955
 def roc_auc(scores, labels) -> float:
     "Area under the ROC curve of `scores` for binary `labels`, from ranks (ties count half)."
-    s = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().flatten()
-    y = torch.as_tensor(labels).detach().cpu().flatten().bool()
+    s = torch.as_tensor(scores.detach().cpu() if isinstance(scores, Tensor) else scores, dtype=torch.float64).flatten()  # to the CPU first: MPS has no float64
+    y = torch.as_tensor(labels.detach().cpu() if isinstance(labels, Tensor) else labels).flatten().bool()
     if s.shape != y.shape: raise ValueError(f"scores ({s.numel()}) and labels ({y.numel()}) differ in length")
     n1, n0 = int(y.sum()), int((~y).sum())
     if n1 == 0 or n0 == 0: raise ValueError(f"roc_auc needs both classes, got {n1} positive and {n0} negative labels")

@@ -40,6 +40,10 @@ def _check_batch(batch, i: int) -> Tensor:
     return batch.get("labels", batch["input_ids"])
 
 # %% ../nbs/12_evaluate.ipynb #2a974e4e
+def _head_sums(ce: Tensor) -> Tensor:
+    "Per-head sums of a [B,S,H] CE, in fp64 on the CPU (copied first: MPS has no float64)."
+    return ce.sum((0, 1)).cpu().double()
+
 @torch.no_grad()
 def per_head_metrics(model, # an MTPTransformer (its `unembedding` and `n_future` are used)
                      batches: Iterable[dict], # a DataLoader or a list of {input_ids, labels} batches
@@ -69,7 +73,7 @@ def per_head_metrics(model, # an MTPTransformer (its `unembedding` and `n_future
             for k in range(H):
                 m = valid[..., k]
                 correct[k] += int((_argmax_rows(hidden[:, :, k][m], W) == targets[..., k][m]).sum())
-            loss_sum += ce.sum((0, 1)).double().cpu()
+            loss_sum += _head_sums(ce)
             count += valid.sum((0, 1)).cpu()
             n += 1
     finally: model.train(was_training)

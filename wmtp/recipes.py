@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 import yaml
 
 from .core import suggest
+from .policy import DeviceSettings
 
 # %% auto #0
 __all__ = ['ALGORITHMS', 'CONFIG_DIR', 'SHORT_NAMES', 'DevicesConfig', 'PathsConfig', 'TrackingConfig', 'CheckpointsConfig',
@@ -20,17 +21,9 @@ __all__ = ['ALGORITHMS', 'CONFIG_DIR', 'SHORT_NAMES', 'DevicesConfig', 'PathsCon
 
 # %% ../nbs/09_recipes.ipynb #71899b23
 @dataclass
-class DevicesConfig:
-    "Settings for `wmtp.policy.DevicePolicy`, each optional: unset (None) takes the profile's, else the policy's default (auto)."
-    device: Optional[str] = None       # auto | cpu | cuda | cuda:N | mps
-    precision: Optional[str] = None    # auto | fp32 | bf16 | fp16
-    compile: Optional[bool] = None     # torch.compile the model (falls back to eager where it fails); off by default
-    num_workers: Union[int, str, None] = None  # DataLoader workers: auto or a number
+class DevicesConfig(DeviceSettings):
+    "The config's device settings (`wmtp.policy.DeviceSettings`, each optional: unset takes the profile's, else the policy's default)."
     profile: Optional[str] = None      # a profile name (wmtp/configs/profiles) or a YAML path: a partial config under these
-
-    def settings(self) -> dict:
-        "The settings this config sets (not None), as `DevicePolicy` keyword arguments."
-        return {k: v for k, v in asdict(self).items() if k != "profile" and v is not None}
 
 @dataclass
 class PathsConfig:
@@ -81,10 +74,11 @@ class ModelRecipe:
     n_layer: int = 2
     n_head: int = 4
     n_future: int = 4
-    n_head_layers: int = 1
+    n_head_layers: int = 1          # per head: blocks (parallel), blocks per module (sequential), residual blocks (mlp)
     max_seq_len: int = 128
     dropout: float = 0.0
     tie_embeddings: bool = True
+    heads: str = "parallel"         # head layout: parallel (Meta) | sequential (DeepSeek-V3) | mlp (Medusa)
 
 @dataclass
 class DataRecipe:
@@ -205,14 +199,15 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
 # %% ../nbs/09_recipes.ipynb #cf2b7739
 _CHOICES = {"algorithm": ALGORITHMS, "loss.norm": ("global", "token"), "loss.path": ("auto", "flatten", "per_head", "fused"),
             "data.corpus": ("stdlib", "builtin-tasks", "jsonl", "humaneval"), "optim.nonfinite": ("skip", "stop"),
-            "distributed.strategy": ("auto", "none", "fsdp2"), "distributed.backend": ("auto", "gloo", "nccl")}
+            "distributed.strategy": ("auto", "none", "fsdp2"), "distributed.backend": ("auto", "gloo", "nccl"),
+            "model.heads": ("parallel", "sequential", "mlp")}
 
 def _get(obj, dotted):
     for part in dotted.split("."): obj = getattr(obj, part)
     return obj
 
 _POSITIVE = ("optim.max_steps", "optim.grad_accum", "optim.eval_batches", "optim.eval_interval", "data.seq_len", "data.batch_size",
-             "data.n_tasks", "model.d_model", "model.n_layer", "model.n_head", "model.n_future", "model.max_seq_len",
+             "data.n_tasks", "model.d_model", "model.n_layer", "model.n_head", "model.n_future", "model.max_seq_len", "model.n_head_layers",
              "checkpoints.keep_last", "tracking.log_every", "optim.lr")
 
 def validate(obj):
@@ -316,4 +311,5 @@ def config_hash(config: Config, recipe: Recipe) -> str:
     "A short hash of everything that changes the trained weights."
     payload = {"recipe": asdict(recipe), "seed": config.seed, "precision": config.devices.precision or "auto"}
     payload["recipe"]["optim"].pop("eval_interval", None)
+    if payload["recipe"]["model"].get("heads") == "parallel": del payload["recipe"]["model"]["heads"]  # the default: runs from before the field keep their hash
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
