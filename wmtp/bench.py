@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .core import sync
 from .data import ByteTokenizer
 from .loss import mtp_targets, weighted_mtp_loss
 from .loss_bench import bench_loss_paths
@@ -63,7 +64,7 @@ def _say(msg: str):
 def _liger_row(shape: dict, device: str, repeats: int) -> dict | None:
     "Liger-Kernel's fused linear cross-entropy on CUDA (unweighted mean), or None where it is not installed."
     if not device.startswith("cuda") or importlib.util.find_spec("liger_kernel") is None: return None
-    from wmtp.loss_bench import _inputs, _sync
+    from wmtp.loss_bench import _inputs
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         targets, _, hidden, W = _inputs(shape["B"], shape["S"], shape["H"], shape["D"], shape["V"], torch.float32, device)
@@ -71,10 +72,10 @@ def _liger_row(shape: dict, device: str, repeats: int) -> dict | None:
         def step():
             hidden.grad = W.grad = None
             loss = fn(W, h, t); loss.backward(); return loss
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
-        loss = step(); torch.cuda.synchronize()
+        sync(device); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
+        loss = step(); sync(device)
         extra = (torch.cuda.max_memory_allocated() - before) / 2**20
-        t_s = median_time(step, lambda: _sync(device), repeats, warmup=0)
+        t_s = median_time(step, lambda: sync(device), repeats, warmup=0)
         return dict(path="liger_flce", time_s=t_s, extra_peak_mb=max(extra, 0.0), loss=float(loss), note="unweighted mean")
     except Exception as e:  # a peer that fails is reported, not fatal
         return dict(path="liger_flce", time_s=None, extra_peak_mb=None, loss=None, note=f"failed: {type(e).__name__}: {e}"[:200])

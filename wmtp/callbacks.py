@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from .core import is_distributed, world_size
 from .learner import Callback, CancelFitException, CancelStepException, WeightedMeans
 from .checkpoint import CheckpointManager
 from .progress import TrainingProgress
@@ -21,9 +22,6 @@ __all__ = ['GradAccumulation', 'GradClip', 'WarmupCosine', 'LRSchedule', 'EarlyS
            'TrackingCallback', 'ProgressCallback']
 
 # %% ../nbs/07a_callbacks.ipynb #0c09672e
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
 class GradAccumulation(Callback):
     "Step once every `n_acc` batches with the gradient of sum(loss_i * n_i) / sum(n_i) over them."
     order = -30
@@ -36,12 +34,12 @@ class GradAccumulation(Callback):
         self.n = torch.as_tensor(self.learn.n_tokens, dtype=torch.float32, device=self.learn.loss.device)
         if self.ref is None:
             self.ref = self.n.clamp(min=1)
-            if _world() > 1: dist.all_reduce(self.ref, op=dist.ReduceOp.MAX)  # one reference on every rank
+            if world_size() > 1: dist.all_reduce(self.ref, op=dist.ReduceOp.MAX)  # one reference on every rank
         self.learn.loss_grad = self.learn.loss_grad * (self.n / self.ref)
     def after_backward(self): self.count, self.total = self.count + 1, self.total + self.n
     def before_step(self):
         if self.count < self.n_acc: raise CancelStepException()
-        total, world = self.total.clone(), _world()
+        total, world = self.total.clone(), world_size()
         if world > 1: dist.all_reduce(total)  # the tokens of every rank
         # a python float: one sync per step, and it multiplies FSDP2's DTensor gradients too
         scale = float(self.ref * world / total.clamp(min=1))
@@ -149,7 +147,7 @@ class NonFiniteGuard(Callback):
             grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                      for g in l.opt.param_groups for p in g["params"] if p.grad is not None]
             if grads: bad = bad + (~torch.isfinite(nn.utils.get_total_norm(grads))).float().to(bad.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank must make the same choice
         if not float(bad): return
         msg = f"non-finite loss or gradient at step {l.step} (epoch {l.epoch}, batch {l.batch_in_epoch})"

@@ -16,6 +16,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from fastcore.basics import patch
 
+from .core import is_distributed, rank, unwrap_model, world_size
+
 # %% auto #0
 __all__ = ['MANIFEST', 'EXTRA', 'CheckpointManager', 'export_safetensors', 'load_safetensors']
 
@@ -45,20 +47,17 @@ def _set_rng_state(st: dict):
     if "mps" in st and _mps_ok(): torch.mps.set_rng_state(st["mps"])
 
 # %% ../nbs/05_checkpoint.ipynb #70faf4d5
-def _dist() -> bool: return dist.is_available() and dist.is_initialized()
-def _rank() -> int: return dist.get_rank() if _dist() else 0
-
 def _bcast(obj):
     "Rank 0's `obj` on every rank."
-    if not _dist(): return obj
+    if not is_distributed(): return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 def _agree(err):
     "The first error of any rank, on every rank (also a barrier), so no rank waits for one that failed."
-    if not _dist(): return err
-    errs = [None] * dist.get_world_size()
+    if not is_distributed(): return err
+    errs = [None] * world_size()
     dist.all_gather_object(errs, err)
     return next((e for e in errs if e), None)
 
@@ -68,13 +67,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    "The module under `torch.compile` (`_orig_mod`) and DDP (`.module`) wrappers."
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module): model = model._orig_mod
-        else: return model
 
 # %% ../nbs/05_checkpoint.ipynb #075b0c96
 MANIFEST, EXTRA = "manifest.json", "extra.pt"
@@ -142,7 +134,7 @@ def _check_finite(state: dict, step: int):
     "Refuse to save when a module has a NaN or infinite parameter (on any rank)."
     bad = None
     for k, m in _split(state)[0].items():
-        for n, p in _unwrap(m).named_parameters():
+        for n, p in unwrap_model(m).named_parameters():
             local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 rank checks its own shard
             if bad is None and not torch.isfinite(local.detach()).all(): bad = f"{k}.{n}"
     bad = _agree(bad)
@@ -217,8 +209,8 @@ def _serialise(self: CheckpointManager, state: dict):
     "{file name: bytes} of this rank's RNG states and (rank 0) the stateful extras and plain entries, or an error."
     try:
         _, _, stful, plain = _split(state)
-        blobs = {f"rng-{_rank()}.pt": _dumps(_rng_state())}
-        if _rank() == 0: blobs[EXTRA] = _dumps({"stateful": {k: v.state_dict() for k, v in stful.items()}, "plain": plain})
+        blobs = {f"rng-{rank()}.pt": _dumps(_rng_state())}
+        if rank() == 0: blobs[EXTRA] = _dumps({"stateful": {k: v.state_dict() for k, v in stful.items()}, "plain": plain})
         err, local = None, None
     except Exception as e: blobs, err, local = {}, f"{type(e).__name__}: {e}", e
     return blobs, _agree(err), local
@@ -252,7 +244,7 @@ def save(self: CheckpointManager, step: int, state: dict, metrics: dict | None =
     blobs, err, local = self._serialise(state)
     if err: raise ValueError(f"cannot serialise checkpoint step {step}: {err}") from local
     tmp = final = None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._clean_tmp()
@@ -266,12 +258,12 @@ def save(self: CheckpointManager, step: int, state: dict, metrics: dict | None =
             for name, data in blobs.items(): _write(tmp / name, data)
         except (Exception, dcp.api.CheckpointException) as e: err = _reason(e)  # DCP's exception is a BaseException
         err = _agree(err)
-    if err is None and _rank() == 0:
+    if err is None and rank() == 0:
         try: final = self._publish(tmp, step, metrics)
         except OSError as e: err = _reason(e)
     err = _agree(err)
     if err:
-        if _rank() == 0 and tmp is not None: shutil.rmtree(tmp, ignore_errors=True)
+        if rank() == 0 and tmp is not None: shutil.rmtree(tmp, ignore_errors=True)
         msg = f"could not write checkpoint step {step} into {self.directory} (full disk? not writable?): {err[1]}"
         raise OSError(err[0], msg) if err[0] else OSError(msg)
     return _bcast(final)
@@ -302,11 +294,11 @@ def _torch_load(path):
 @patch
 def _choose(self: CheckpointManager, path) -> Path:
     if path is None:
-        path = _bcast(self.latest() if _rank() == 0 else None)
+        path = _bcast(self.latest() if rank() == 0 else None)
         if path is None: raise FileNotFoundError(f"no usable checkpoint in {self.directory}")
         return path
     path = Path(path)
-    why = _bcast(_verify(path) if _rank() == 0 else None)
+    why = _bcast(_verify(path) if rank() == 0 else None)
     if why: raise ValueError(f"checkpoint {path} cannot be loaded: {why}")
     return path
 
@@ -328,7 +320,7 @@ def load(self: CheckpointManager, state: dict, path=None, restore_rng: bool = Tr
     for k, o in opts.items(): set_optimizer_state_dict(mods[o], state[k], target[k])
     for k, v in stful.items(): v.load_state_dict(extra["stateful"][k])
     if restore_rng:
-        rng = path / f"rng-{_rank()}.pt"
+        rng = path / f"rng-{rank()}.pt"
         _set_rng_state(_torch_load(rng if rng.exists() else path / "rng-0.pt"))
     return extra["plain"]
 
@@ -344,20 +336,20 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 def export_safetensors(model: nn.Module, path) -> Path:
     "Write `model`'s full weights (unwrapped keys, tied tensors once) to the safetensors file `path`."
     from safetensors.torch import save_file
-    m, path = _unwrap(model), Path(path)
+    m, path = unwrap_model(model), Path(path)
     sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() == 0:  # with cpu_offload only rank 0 holds the gathered tensors
+    if rank() == 0:  # with cpu_offload only rank 0 holds the gathered tensors
         aliases = {k: v for k, v in _aliases(m).items() if k in sd and v in sd}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in aliases}, str(path),
                   metadata={"format": "pt", "aliases": json.dumps(aliases)})
-    if _dist(): dist.barrier()
+    if is_distributed(): dist.barrier()
     return path
 
 def load_safetensors(model: nn.Module, path) -> nn.Module:
     "Load weights written by `export_safetensors` into `model` (plain, compiled, DDP or FSDP2)."
     from safetensors import safe_open
-    m, path = _unwrap(model), Path(path)
+    m, path = unwrap_model(model), Path(path)
     with safe_open(str(path), framework="pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))

@@ -32,9 +32,8 @@ def main(argv=None) -> int:
         import wmtp; print(wmtp.__version__); return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
-        close = difflib.get_close_matches(name, COMMANDS, n=1)
-        print(f"wmtp: unknown command '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""), file=sys.stderr)
+        from wmtp.core import did_you_mean
+        print(f"wmtp: unknown command '{name}'{did_you_mean(name, COMMANDS)}", file=sys.stderr)
         print(_usage(), file=sys.stderr); return 2
     module, func, _ = COMMANDS[name]
     return int(getattr(importlib.import_module(module), func)(rest) or 0)

@@ -12,7 +12,7 @@ from torch import Tensor
 from fastcore.basics import patch
 
 from .model import MTPOutput
-from .weights import Weighter, masked_stats, register_weighter, spread_to_heads, unwrap_model
+from .weights import Weighter, masked_stats, mtp_model, register_weighter, spread_to_heads
 
 # %% auto #0
 __all__ = ['ValueHead', 'gae', 'CriticWeighter', 'roc_auc']
@@ -82,7 +82,7 @@ class CriticWeighter(Weighter):
 
     def bind(self, model: nn.Module) -> CriticWeighter:
         "Build the value head for `model` (if not built yet) on the model's device."
-        model = unwrap_model(model)
+        model = mtp_model(model)
         if self.value_head is None: self.value_head = ValueHead(model.cfg.d_model, self.hidden, self.detach_input)
         return self.to(model.unembedding.device)
 

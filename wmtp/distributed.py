@@ -15,14 +15,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from .core import is_distributed, is_main, launch_env
 from .learner import Callback
 from .callbacks import GradClip
 
 # %% auto #0
-__all__ = ['DistContext', 'init_distributed', 'shutdown_distributed', 'is_main', 'rank0_print', 'barrier', 'all_reduce_mean',
-           'RankFailure', 'collective_errors', 'mixed_precision', 'shard_model', 'replicate_module', 'place_weighter',
-           'grad_norm', 'clip_grad_norm', 'DistGradClip', 'distributed_sampler', 'set_sampler_epoch',
-           'DistributedSamplerCallback', 'reshard', 'DistributedValidation']
+__all__ = ['DistContext', 'init_distributed', 'shutdown_distributed', 'rank0_print', 'barrier', 'all_reduce_mean', 'RankFailure',
+           'collective_errors', 'mixed_precision', 'shard_model', 'replicate_module', 'place_weighter', 'grad_norm',
+           'clip_grad_norm', 'DistGradClip', 'distributed_sampler', 'set_sampler_epoch', 'DistributedSamplerCallback',
+           'reshard', 'DistributedValidation']
 
 # %% ../nbs/10_distributed.ipynb #e9ce1e9b
 @dataclass
@@ -45,12 +46,6 @@ class DistContext:
     def __enter__(self): return self
     def __exit__(self, typ, *exc): shutdown_distributed(self, wait=typ is None)
 
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name, "")
-    if v == "": return default
-    try: return int(v)
-    except ValueError: raise ValueError(f"environment variable {name}={v!r} is not an integer (torchrun sets it)") from None
-
 def _device_of(policy_or_device) -> torch.device:
     "The device of a `DevicePolicy`, a `torch.device` or a name (None: cpu)."
     if policy_or_device is None: return torch.device("cpu")
@@ -70,7 +65,7 @@ def init_distributed(policy_or_device=None,  # a `DevicePolicy`, a device or its
                      ) -> DistContext:
     "Join the process group torchrun describes in the environment, or return a one-process context."
     dev = _device_of(policy_or_device)
-    world, rank, local = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    rank, local, world = launch_env()
     _check(world, rank, backend, timeout_s)
     if world == 1: return DistContext(device=dev, timeout_s=float(timeout_s))
     for k in ("MASTER_ADDR", "MASTER_PORT"):
@@ -97,7 +92,7 @@ def shutdown_distributed(ctx: DistContext | None = None,
                          ) -> None:
     "Leave the process group (safe to call twice, and in a one-process run)."
     if ctx is not None: ctx.mesh = None
-    if not (dist.is_available() and dist.is_initialized()): return
+    if not is_distributed(): return
     if wait is None: wait = sys.exc_info()[0] is None  # in a `finally` after an error, peers may be stuck elsewhere
     if wait:  # no rank tears down its sockets while a peer still talks to it
         try: dist.barrier()
@@ -105,13 +100,6 @@ def shutdown_distributed(ctx: DistContext | None = None,
     dist.destroy_process_group()
 
 # %% ../nbs/10_distributed.ipynb #fdef7a82
-def _live() -> bool: return dist.is_available() and dist.is_initialized()
-
-def is_main(ctx: DistContext | None = None) -> bool:
-    "True on rank 0 (and in a one-process run); without `ctx`, asks the default process group."
-    if ctx is not None: return ctx.is_main
-    return not _live() or dist.get_rank() == 0
-
 def rank0_print(*args, ctx: DistContext | None = None, **kwargs) -> None:
     "`print` on rank 0 only."
     if is_main(ctx): print(*args, **kwargs)
@@ -151,7 +139,7 @@ def collective_errors(ctx: DistContext | None, what: str = "training", wait_s: f
     try: yield
     except RankFailure: raise
     except (RuntimeError, dist.DistError) as e:
-        if ctx is None or not ctx.enabled or not _live(): raise
+        if ctx is None or not ctx.enabled or not is_distributed(): raise
         silent = _silent_peers(ctx, min(wait_s, ctx.timeout_s))
         first = (str(e).strip().splitlines() or [""])[0][:300]
         if silent is None: who = "the process group's store does not answer: rank 0 (or the torchrun agent) probably died"

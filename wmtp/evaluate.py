@@ -14,13 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .core import sync
 from .loss import mtp_targets, mtp_cross_entropy
 from .data import ByteTokenizer, stdlib_documents, pack_documents, PackedDataset, make_loader
 from .verify import builtin_tasks, run_tests_many
+from .run import load_run
 
 # %% auto #0
 __all__ = ['STOP_SEQUENCES', 'per_head_metrics', 'speculative_report', 'pass_at_k', 'score_completions', 'sample_completions',
-           'evaluate_pass_at_k', 'load_run', 'evaluate_model', 'eval_metrics', 'format_report', 'log_eval', 'eval_main']
+           'evaluate_pass_at_k', 'evaluate_model', 'eval_metrics', 'format_report', 'log_eval', 'eval_main']
 
 # %% ../nbs/12_evaluate.ipynb #3e68e4ba
 def _argmax_rows(h: Tensor, W: Tensor) -> Tensor:
@@ -82,11 +84,6 @@ def _as_prompt(p, i: int, device) -> Tensor:
         raise ValueError(f"prompts[{i}] must be a non-empty long tensor [S] or [1,S], got {got}")
     return p.reshape(1, -1).to(device)
 
-def _sync(device: torch.device):
-    "Wait for queued device work, so the clock measures it."
-    if device.type == "cuda": torch.cuda.synchronize(device)
-    elif device.type == "mps": torch.mps.synchronize()
-
 def speculative_report(model, # an MTPTransformer
                        prompts: Sequence[Tensor], # token ids, one [S] or [1,S] tensor per prompt
                        max_new_tokens: int, # tokens generated per prompt
@@ -98,9 +95,9 @@ def speculative_report(model, # an MTPTransformer
     prompts = [_as_prompt(p, i, dev) for i, p in enumerate(prompts)]
     if not prompts: raise ValueError("speculative_report: `prompts` is empty")
     def run(spec: bool):
-        _sync(dev); t0 = time.perf_counter()
+        sync(dev); t0 = time.perf_counter()
         res = [model.generate(p, max_new_tokens, speculative=spec, return_stats=True) for p in prompts]
-        _sync(dev)
+        sync(dev)
         return time.perf_counter() - t0, [r[0] for r in res], [r[1] for r in res]
     run(False); run(True)  # warm-up: first calls allocate caches and pick kernels
     times = {False: [], True: []}
@@ -195,22 +192,6 @@ def evaluate_pass_at_k(model, problems: Sequence[dict], tokenizer, n_samples: in
     comps = sample_completions(model, problems, tokenizer, n_samples, temperature, max_new_tokens, top_k, seed)
     res = score_completions(problems, comps, ks, timeout=timeout, max_workers=max_workers)
     return dict(res, completions=comps, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens)
-
-# %% ../nbs/12_evaluate.ipynb #2e9cbd1f
-def load_run(path) -> tuple:
-    "(model in eval mode, run.json dict, run directory, step) of a run directory, its model.safetensors or a checkpoint."
-    p = Path(path).expanduser()
-    if not p.exists(): raise FileNotFoundError(f"no run directory, model file or checkpoint at {p}")
-    is_ckpt = p.is_dir() and (p / "manifest.json").is_file()
-    run_dir = p.parent if p.is_file() else p.parent.parent if is_ckpt else p
-    if p.is_dir() and not is_ckpt and (p / "run.json").is_file() and not (p / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{p / 'model.safetensors'} not found: the run in {p} has not finished; "
-                                f"pass one of its checkpoints instead ({p / 'checkpoints'}/step-N)")
-    from wmtp.train import load_run_model  # here, not at the top: `wmtp eval --help` stays fast
-    model, info = load_run_model(p)
-    if info.get("tokenizer", "byte") != "byte": raise ValueError(f"{run_dir / 'run.json'}: tokenizer {info['tokenizer']!r} is not supported (only 'byte')")
-    step = int(p.name.split("-")[-1]) if is_ckpt and p.name.split("-")[-1].isdigit() else int(info.get("steps") or 0)
-    return model, info, run_dir, step
 
 # %% ../nbs/12_evaluate.ipynb #91d7ec75
 def _humaneval_installed() -> bool:

@@ -4,22 +4,16 @@
 
 # %% ../nbs/01a_loss_bench.ipynb #5f055c01
 from __future__ import annotations
-import gc, json, resource, statistics, subprocess, sys, time
+import gc, json, statistics, subprocess, sys, time
 import torch
 import torch.nn.functional as F
+from .core import process_memory, sync
 from .loss import mtp_targets, weighted_mtp_loss
 
 # %% auto #0
 __all__ = ['bench_loss_paths', 'bench_table']
 
 # %% ../nbs/01a_loss_bench.ipynb #515286be
-def _rss_bytes() -> tuple[int, int]:
-    "Current and peak resident memory of this process in bytes (current = peak where /proc is missing)."
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    try:
-        with open("/proc/self/statm") as f: return int(f.read().split()[1]) * resource.getpagesize(), peak
-    except OSError: return peak, peak
-
 def _inputs(B, S, H, D, V, dtype, device, seed=0):
     "Targets, positive weights, hidden states and unembedding (both requiring grad) for a benchmark."
     g = torch.Generator().manual_seed(seed)
@@ -46,27 +40,22 @@ def _step(path, targets, weights, hidden, W, chunk_size=None) -> float:
     return loss.item()
 
 # %% ../nbs/01a_loss_bench.ipynb #29447606
-def _sync(device: str):
-    "Wait for the device, so the clock measures finished work."
-    if device.startswith("cuda"): torch.cuda.synchronize()
-    elif device.startswith("mps"): torch.mps.synchronize()
-
 def _measure(path, B, S, H, D, V, dtype, device, repeats, chunk_size=None) -> dict:
     "Extra peak memory of one step of `path` and the median time of `repeats` more, in this process."
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     args = _inputs(B, S, H, D, V, dtype, device)
-    gc.collect(); _sync(device)
+    gc.collect(); sync(device)
     cuda = device.startswith("cuda")
     if cuda: torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
-    else: before = _rss_bytes()[0]
+    else: before = process_memory().rss
     loss = _step(path, *args, chunk_size=chunk_size)  # also the warm-up
-    _sync(device)
-    extra = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes()[1]) - before
+    sync(device)
+    extra = (torch.cuda.max_memory_allocated() if cuda else process_memory().peak) - before
     times, cpu_times = [], []
     for _ in range(repeats):
-        _sync(device); t0, c0 = time.perf_counter(), time.process_time()
+        sync(device); t0, c0 = time.perf_counter(), time.process_time()
         _step(path, *args, chunk_size=chunk_size)
-        _sync(device); times.append(time.perf_counter() - t0); cpu_times.append(time.process_time() - c0)
+        sync(device); times.append(time.perf_counter() - t0); cpu_times.append(time.process_time() - c0)
     return dict(path=path, time_s=statistics.median(times), cpu_s=statistics.median(cpu_times),
                 extra_peak_mb=max(extra, 0) / 2**20, loss=loss)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_policy.ipynb #a3cc900a
 from __future__ import annotations
-import difflib, functools, inspect, os, platform, random, re
+import functools, inspect, os, platform, random, re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.resources import files
@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import yaml
 from fastcore.basics import patch
+
+from .core import did_you_mean, process_memory, sync
 
 # %% auto #0
 __all__ = ['Capabilities', 'DevicePolicy', 'profile_names', 'load_profile']
@@ -224,14 +226,6 @@ def maybe_compile(self: DevicePolicy, fn_or_module):
     return functools.wraps(fn_or_module)(_EagerFallback(compiled, fn_or_module, self._say))
 
 # %% ../nbs/02_policy.ipynb #66a61b65
-def _rss() -> int:
-    "Resident memory of this process in bytes."
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss
-    except ImportError:  # Linux without psutil
-        with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 @patch
 def memory_stats(self: DevicePolicy) -> dict[str, float]:
     "Memory figures in bytes for the device and process (only those that apply; failing calls skipped)."
@@ -246,14 +240,14 @@ def memory_stats(self: DevicePolicy) -> dict[str, float]:
         put("mps_memory_allocated", lambda: torch.mps.current_allocated_memory())
         put("mps_driver_memory", lambda: torch.mps.driver_allocated_memory())
     out["device/mps_optimization_enabled"] = float(self.mps_optimized)
-    put("cpu_rss", _rss)
+    put("cpu_rss", lambda: process_memory().rss)
     return out
 
 @patch
 def synchronize(self: DevicePolicy):
     "Wait for queued device work (a CPU-GPU sync point: for timings, not for the training loop)."
-    if self.device.type == "cuda" and self.caps.cuda: _try(lambda: torch.cuda.synchronize(self.device))
-    if self.device.type == "mps" and self.caps.mps: _try(lambda: torch.mps.synchronize())
+    # a policy for another machine (injected capabilities) touches no backend that this one lacks
+    if {"cuda": self.caps.cuda, "mps": self.caps.mps}.get(self.device.type): _try(lambda: sync(self.device))
 
 @patch
 def to(self: DevicePolicy, x):
@@ -299,9 +293,7 @@ def _check_settings(d: dict, where: str):
     "Raise on a key DevicePolicy does not take (naming the closest one) or a value of the wrong type."
     for k, v in d.items():
         if k not in _PROFILE_TYPES:
-            close = difflib.get_close_matches(str(k), list(_PROFILE_TYPES), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{where}: unknown key {k!r}{hint}; valid keys: {', '.join(_PROFILE_TYPES)}")
+            raise ValueError(f"{where}: unknown key {k!r}{did_you_mean(k, _PROFILE_TYPES)}; valid keys: {', '.join(_PROFILE_TYPES)}")
         types = _PROFILE_TYPES[k]
         if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
             raise TypeError(f"{where}: key {k!r} must be {' or '.join(t.__name__ for t in types)}, got {type(v).__name__} {v!r}")

@@ -4,11 +4,13 @@
 
 # %% ../nbs/09_recipes.ipynb #ffc7f257
 from __future__ import annotations
-import dataclasses, difflib, hashlib, json, types, typing
+import dataclasses, hashlib, json, types, typing
 from dataclasses import dataclass, field, fields, asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
+
+from .core import suggest
 
 # %% auto #0
 __all__ = ['ALGORITHMS', 'CONFIG_DIR', 'SHORT_NAMES', 'DevicesConfig', 'PathsConfig', 'TrackingConfig', 'CheckpointsConfig',
@@ -147,10 +149,9 @@ _SYNONYMS = {"learning_rate": "lr", "steps": "max_steps", "num_steps": "max_step
              "batch": "batch_size", "warmup": "warmup_steps", "accumulation": "grad_accum"}
 
 def _suggest(key, valid):
-    leaf, valid = key.rsplit(".", 1)[-1], list(valid)
-    syn = [v for v in valid if v.rsplit(".", 1)[-1] == _SYNONYMS.get(leaf) and v.startswith(key[:len(key) - len(leaf)])]
-    close = syn or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
+    "The hint of an error about `key`: the closest valid key (by spelling or by a synonym), else the valid keys."
+    close = suggest(key, valid, _SYNONYMS, cutoff=0.5)
+    return f" (did you mean '{close}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
 
 def _check_type(value, tp, name):
     "Return `value` converted to type `tp`, or raise `ConfigError` naming `name`."

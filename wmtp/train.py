@@ -21,15 +21,17 @@ from .loss import mtp_targets, weighted_mtp_loss
 from .learner import Learner, Callback
 from .callbacks import (GradAccumulation, GradClip, WarmupCosine, LRSchedule, EarlyStopping, NonFiniteGuard,
                             CheckpointCallback, TrackingCallback, ProgressCallback)
-from .weights import make_weighter, load_reference, unwrap_model
-from .checkpoint import CheckpointManager, export_safetensors, load_safetensors
+from .core import launch_env, unwrap_model
+from .weights import make_weighter, load_reference
+from .checkpoint import CheckpointManager
+from .run import CHECKPOINTS, PLOTS, has_checkpoints, save_run_model, write_run_info
 from .track import Tracker
 from .progress import plot_head_losses, plot_weight_histogram
 from . import distributed as wdist
 
 # %% auto #0
 __all__ = ['QUICK', 'resolve', 'seed_everything', 'build_datasets', 'build_model', 'build_weighter', 'MTPLossFn',
-           'fit_value_head', 'RankSlice', 'train', 'load_run_model', 'train_main']
+           'fit_value_head', 'RankSlice', 'train', 'train_main']
 
 # %% ../nbs/11_train.ipynb #08e66150
 QUICK = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
@@ -90,10 +92,6 @@ def _reference_path(recipe: Recipe) -> Path:
                                 f"model.safetensors, for example a baseline run: `wmtp train --out DIR`)")
     return f
 
-def _run_model_config(run_dir: Path) -> MTPConfig | None:
-    info = run_dir / "run.json"
-    return MTPConfig(**json.loads(info.read_text())["model_config"]) if info.is_file() else None
-
 def build_weighter(recipe: Recipe, model: MTPTransformer):
     "The weighter of the recipe's algorithm, bound to `model`."
     w, alg = recipe.weighter, recipe.algorithm
@@ -102,7 +100,7 @@ def build_weighter(recipe: Recipe, model: MTPTransformer):
         weighter = make_weighter("critic", d_model=model.cfg.d_model, gamma=w.gamma, lam=w.lam, beta=w.beta, w_min=w.w_min, w_max=w.w_max)
     else:
         f = _reference_path(recipe)
-        ref = load_reference(f, _run_model_config(f.parent) or model.cfg)
+        ref = load_reference(f, model.cfg)  # the shape in the reference's run.json, else the model's
         weighter = make_weighter(alg, reference=ref, temperature=w.temperature, keep_ratio=w.keep_ratio)
     return weighter.bind(model)
 
@@ -189,13 +187,13 @@ def _save_plots(out: Path, history, weights, tracker, main: bool) -> list[Path]:
     "Loss per head and the weight histogram as PNG files, logged to the run."
     if not main: return []
     import matplotlib; import matplotlib.pyplot as plt
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / PLOTS).mkdir(parents=True, exist_ok=True)
     paths = []
     figs = [("loss_per_head.png", plot_head_losses(history) if history else None),
             ("weights.png", plot_weight_histogram(weights[0], mask=weights[1]) if weights is not None else None)]
     for name, fig in figs:
         if fig is None: continue
-        fig.savefig(out / "plots" / name, dpi=80); paths.append(out / "plots" / name)
+        fig.savefig(out / PLOTS / name, dpi=80); paths.append(out / PLOTS / name)
         tracker.log_figure(fig, name); plt.close(fig)
     return paths
 
@@ -271,17 +269,16 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
     t0 = time.time()
     out = Path(config.paths.out).expanduser().resolve()
     dc = config.distributed
-    if dc.strategy == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if dc.strategy == "none" and launch_env().world_size > 1:
         raise ConfigError("distributed.strategy is 'none' but torchrun started several processes")
-    policy = _policy(config, verbose=int(os.environ.get("RANK", "0")) == 0)
+    policy = _policy(config, verbose=launch_env().rank == 0)
     ctx = wdist.init_distributed(policy, backend=dc.backend, timeout_s=dc.timeout_s)
     main = ctx.is_main
     say = log if main else (lambda *a, **k: None)
     tracker = None
     try:
         _preflight(recipe)
-        ckpts = out / "checkpoints"
-        if not resume and ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
+        if not resume and has_checkpoints(out):
             raise ConfigError(f"{out} already holds a run's checkpoints: pass --resume to continue it, or --out for a new run")
         out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
@@ -290,8 +287,7 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         _planned_ok(recipe, train_ds, valid_ds, ctx.world_size)
         model = build_model(recipe, tok)
         if main:  # the model's shape first, so that checkpoints of a run that never finishes can be loaded
-            (out / "run.json").write_text(json.dumps({"model_config": asdict(model.cfg), "config": asdict(config),
-                                                      "recipe": asdict(recipe), "tokenizer": "byte"}, indent=2, default=str))
+            write_run_info(out, {"model_config": asdict(model.cfg), "config": asdict(config), "recipe": asdict(recipe), "tokenizer": "byte"})
         weighter = build_weighter(recipe, model).to(policy.device)
         if ctx.world_size > 1:
             model = wdist.shard_model(model.to(ctx.device), ctx, policy)
@@ -304,7 +300,7 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         # several ranks split every batch: a short last validation batch is dropped so that each rank has rows
         valid_dl = lambda epoch: [b for _, b in zip(range(o.eval_batches), make_loader(valid_ds, bs, policy, shuffle=False,
                                                                                      drop_last=ctx.world_size > 1))]
-        manager = CheckpointManager(out / "checkpoints", keep_last=ck.keep_last, keep_best=ck.keep_best, best_metric="val_loss")
+        manager = CheckpointManager(out / CHECKPOINTS, keep_last=ck.keep_last, keep_best=ck.keep_best, best_metric="val_loss")
         resuming = resume and manager.latest() is not None
         tracker = Tracker(out, tracking_uri=tr.uri, experiment=tr.experiment, run_name=tr.run_name, enabled=tr.enabled and main)
         if recipe.algorithm == "critic" and not resuming:
@@ -334,7 +330,7 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         H = recipe.model.n_future
         per_head = [final[f"val_ce_h{k}"] for k in range(H)]
         tracker.log_metrics({f"final/val_loss_h{k}": v for k, v in enumerate(per_head)} | {"final/val_loss": final["val_loss"]}, learn.step)
-        export_safetensors(model, out / "model.safetensors")
+        save_run_model(out, model)
         model_cfg = asdict(model.cfg if hasattr(model, "cfg") else build_model(recipe, tok).cfg)
         info = {"model_config": model_cfg, "config": asdict(config), "recipe": asdict(recipe), "tokenizer": "byte",
                 "final_val_loss_per_head": per_head, "final_val_loss": final["val_loss"], "steps": learn.step,
@@ -342,8 +338,7 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
                 "wall_time_s": round(time.time() - t0, 2), "world_size": ctx.world_size}
         plots = _save_plots(out, history.history, loss_fn.last_weights, tracker, main)
         if main:
-            (out / "run.json").write_text(json.dumps(info, indent=2, default=str))
-            tracker.log_artifact(out / "run.json")
+            tracker.log_artifact(write_run_info(out, info))
         tracker.end("FINISHED")
         info.update(out=str(out), plots=[str(p) for p in plots], checkpoint=str(manager.latest()))
         say(_summary(info, out))
@@ -363,34 +358,6 @@ def _summary(info: dict, out: Path) -> str:
     if info["plots"]: lines.append(f"  plots           {', '.join(info['plots'])}")
     lines.append(f"  validation loss per head: {heads}  (all heads {info['final_val_loss']:.4f})")
     return "\n".join(lines)
-
-# %% ../nbs/11_train.ipynb #20e0a65f
-def _weights(path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(path))
-
-# %% ../nbs/11_train.ipynb #6cee100e
-def _weights(path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(path))
-
-# %% ../nbs/11_train.ipynb #1d339a43
-def load_run_model(path) -> tuple[MTPTransformer, dict]:
-    "The model (eval mode, CPU) and `run.json` of a run directory, its model.safetensors, or one of its checkpoints."
-    p = Path(path).expanduser()
-    if not p.exists(): raise FileNotFoundError(f"no run directory, model file or checkpoint at {p}")
-    ckpt = None
-    if p.is_file(): run_dir = p.parent
-    elif (p / "manifest.json").is_file(): ckpt, run_dir = p, p.parent.parent  # DIR/checkpoints/step-N
-    else: run_dir = p
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{info_path} not found: {p} is not a wmtp run (expected run.json beside model.safetensors)")
-    info = json.loads(info_path.read_text())
-    model = MTPTransformer(MTPConfig(**info["model_config"]))
-    if ckpt is not None: CheckpointManager(ckpt.parent).load({"model": model}, ckpt, restore_rng=False)
-    else: load_safetensors(model, p if p.is_file() else run_dir / "model.safetensors")
-    return model.eval(), info
 
 # %% ../nbs/11_train.ipynb #78cf8c51
 def _parser() -> argparse.ArgumentParser:

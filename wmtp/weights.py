@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_weights.ipynb #ad81d516
 from __future__ import annotations
-import difflib, importlib, importlib.util, inspect
+import importlib, importlib.util, inspect
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -13,11 +13,13 @@ import torch.nn as nn
 from torch import Tensor
 from fastcore.basics import patch
 
+from .core import unwrap_model, did_you_mean
 from .loss import mtp_cross_entropy, mtp_targets
 from .model import MTPConfig, MTPOutput, MTPTransformer
+from .run import load_run
 
 # %% auto #0
-__all__ = ['WEIGHTERS', 'scale_weights', 'spread_to_heads', 'masked_stats', 'Weighting', 'Weighter', 'unwrap_model',
+__all__ = ['WEIGHTERS', 'scale_weights', 'spread_to_heads', 'masked_stats', 'Weighting', 'Weighter', 'mtp_model',
            'UniformWeighter', 'load_reference', 'Rho1Weighter', 'register_weighter', 'make_weighter']
 
 # %% ../nbs/08_weights.ipynb #0a2996a3
@@ -96,11 +98,9 @@ class Weighter:
                                                   for s in ("mean", "std", "min", "max")})
         return out
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    "The model with the unembedding inside DDP-style (`.module`) or torch.compile (`._orig_mod`) wrappers."
-    m = model
-    while not hasattr(m, "unembedding") and (hasattr(m, "module") or hasattr(m, "_orig_mod")):
-        m = m._orig_mod if hasattr(m, "_orig_mod") else m.module
+def mtp_model(model: nn.Module) -> nn.Module:
+    "The MTP model under any wrappers (`wmtp.core.unwrap_model`), checked to have an unembedding."
+    m = unwrap_model(model)
     if not hasattr(m, "unembedding"): raise TypeError(f"bind(model): {type(model).__name__} has no unembedding (expected an MTPTransformer)")
     return m
 
@@ -127,15 +127,11 @@ class UniformWeighter(Weighter):
         return per_head.expand(targets.shape), None
 
 # %% ../nbs/08_weights.ipynb #37a06ae1
-def load_reference(path_or_dir, cfg: MTPConfig) -> MTPTransformer:
-    "A frozen reference model (eval, no grad) from a `model.safetensors` file or a run folder holding one."
-    from wmtp.checkpoint import load_safetensors
-    p = Path(path_or_dir)
-    if p.is_dir(): p = p / "model.safetensors"
-    if not p.is_file(): raise FileNotFoundError(f"rho1 reference model not found: {p} (give a run folder with model.safetensors, or the file)")
-    ref = MTPTransformer(cfg)
-    load_safetensors(ref, p)
-    return ref.eval().requires_grad_(False)
+def load_reference(path, cfg: MTPConfig | None = None) -> MTPTransformer:
+    "A frozen reference model (eval, no grad) from a run folder, its weights file or a checkpoint (`wmtp.run.load_run`)."
+    try: ref = load_run(path, cfg).model
+    except FileNotFoundError as e: raise FileNotFoundError(f"rho1 reference model not found: {e}") from None
+    return ref.requires_grad_(False)
 
 # %% ../nbs/08_weights.ipynb #2dca1e3d
 class Rho1Weighter(Weighter):
@@ -155,7 +151,7 @@ class Rho1Weighter(Weighter):
 
     def bind(self, model: nn.Module) -> Rho1Weighter:
         "Remember the model (its unembedding gives CE_model); load a reference given by path with the model's config."
-        model = unwrap_model(model)
+        model = mtp_model(model)
         self._unembedding = lambda: model.unembedding  # read at call time: FSDP or `.to()` may replace the tensor
         if isinstance(self.reference, Path): self.reference = load_reference(self.reference, model.cfg)
         return self.to(model.unembedding.device)
@@ -224,12 +220,9 @@ def make_weighter(name: str, **kwargs) -> Weighter:
     if importlib.util.find_spec("wmtp.critic") is not None: importlib.import_module("wmtp.critic")
     key = str(name).strip().lower().replace("_", "-")
     if key not in WEIGHTERS:
-        close = difflib.get_close_matches(key, list(WEIGHTERS), n=1)
-        raise ValueError(f"unknown weighter {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "") + f"; known: {sorted(WEIGHTERS)}")
+        raise ValueError(f"unknown weighter {name!r}{did_you_mean(key, WEIGHTERS)}; known: {sorted(WEIGHTERS)}")
     cls, fixed = WEIGHTERS[key]
     known = set().union(*(_params(c) for c, _ in WEIGHTERS.values()))
     for k in kwargs:
-        if k not in known:
-            close = difflib.get_close_matches(k, sorted(known), n=1)
-            raise TypeError(f"make_weighter: unknown argument {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if k not in known: raise TypeError(f"make_weighter: unknown argument {k!r}{did_you_mean(k, known)}")
     return cls(**{**{k: v for k, v in kwargs.items() if k in _params(cls)}, **fixed})
