@@ -81,6 +81,8 @@ class ModelRecipe:
     max_seq_len: int = 128
     dropout: float = 0.0
     tie_embeddings: bool = True
+    pretrained: Optional[str] = None  # a Hugging Face causal LM (folder or Hub id) to put the heads on (wmtp.hf); the shape above is then its own
+    train: str = "all"                # with `pretrained`: all, or heads (only the extra heads learn; the pretrained model stays frozen)
 
 @dataclass
 class DataRecipe:
@@ -193,7 +195,7 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
 
 # %% ../nbs/09_recipes.ipynb #cf2b7739
 _CHOICES = {"algorithm": ALGORITHMS, "loss.norm": ("global", "token"), "loss.path": ("auto", "flatten", "per_head", "fused"),
-            "data.corpus": ("stdlib", "builtin-tasks", "jsonl", "humaneval"), "optim.nonfinite": ("skip", "stop"),
+            "data.corpus": ("stdlib", "builtin-tasks", "jsonl", "humaneval"), "optim.nonfinite": ("skip", "stop"), "model.train": ("all", "heads"),
             "distributed.strategy": ("auto", "none", "fsdp2"), "distributed.backend": ("auto", "gloo", "nccl")}
 
 def _get(obj, dotted):

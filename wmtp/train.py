@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #b8d96151
 from __future__ import annotations
-import argparse, hashlib, json, math, os, random, sys, time, warnings
+import argparse, hashlib, json, math, os, random, shutil, sys, time, warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -24,14 +24,14 @@ from .callbacks import (GradAccumulation, GradClip, WarmupCosine, LRSchedule, Ea
 from .core import launch_env, unwrap_model
 from .weights import make_weighter, load_reference
 from .checkpoint import CheckpointManager
-from .run import CHECKPOINTS, PLOTS, has_checkpoints, save_run_model, write_run_info
+from .run import CHECKPOINTS, PLOTS, HF_DIR, has_checkpoints, save_run_model, write_run_info, export_run
 from .track import Tracker
 from .progress import plot_head_losses, plot_weight_histogram
 from . import distributed as wdist
 
 # %% auto #0
-__all__ = ['QUICK', 'resolve', 'seed_everything', 'build_datasets', 'build_model', 'build_weighter', 'MTPLossFn',
-           'fit_value_head', 'RankSlice', 'train', 'train_main']
+__all__ = ['QUICK', 'resolve', 'seed_everything', 'build_datasets', 'build_tokenizer', 'build_model', 'build_weighter',
+           'MTPLossFn', 'fit_value_head', 'RankSlice', 'train', 'train_main']
 
 # %% ../nbs/11_train.ipynb #08e66150
 QUICK = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
@@ -73,18 +73,44 @@ def build_datasets(recipe: Recipe, tokenizer, seed: int = 0):
     return RecordDataset(train, tokenizer, d.seq_len), RecordDataset(valid, tokenizer, d.seq_len)
 
 # %% ../nbs/11_train.ipynb #cdd190dc
-def build_model(recipe: Recipe, tokenizer) -> MTPTransformer:
-    "The MTP transformer the recipe describes."
+def build_tokenizer(recipe: Recipe):
+    "The byte tokenizer, or the pretrained model's own (`model.pretrained`)."
+    if not recipe.model.pretrained: return ByteTokenizer()
+    from wmtp.hf import load_tokenizer
+    return load_tokenizer(recipe.model.pretrained)
+
+def _pretrained_model(recipe: Recipe, tokenizer):
+    "MTP heads on the recipe's pretrained model (`wmtp.hf`); `model.train=heads` freezes the pretrained model."
+    from wmtp.hf import from_pretrained
     m = recipe.model
+    model = from_pretrained(m.pretrained, n_future=m.n_future, n_head_layers=m.n_head_layers, dtype=torch.float32)
+    if recipe.data.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than the pretrained model's {model.cfg.max_seq_len} positions")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary only {model.cfg.vocab_size}")
+    if m.train == "heads": model.lm.requires_grad_(False)  # only the extra heads learn: head 0 stays the pretrained model
+    return model
+
+def build_model(recipe: Recipe, tokenizer) -> MTPTransformer:
+    "The MTP transformer the recipe describes (or heads on its pretrained model)."
+    m = recipe.model
+    if m.pretrained: return _pretrained_model(recipe, tokenizer)
     if recipe.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
-    return MTPTransformer(MTPConfig(vocab_size=tokenizer.vocab_size, **asdict(m)))
+    return MTPTransformer(MTPConfig(vocab_size=tokenizer.vocab_size, **{k: v for k, v in asdict(m).items() if k not in ("pretrained", "train")}))
+
+def _hf_reference(ref: str) -> bool:
+    "Whether a rho1 reference names a Hugging Face model (a folder with config.json and no run.json, or a Hub id)."
+    from wmtp.hf import _is_local
+    p = Path(ref).expanduser()
+    return (p / "config.json").is_file() and not (p / "run.json").is_file() or not _is_local(ref)
 
 def _reference_path(recipe: Recipe) -> Path:
     "The rho1 reference's model file, or a clear error when it is not given or not there."
     if not recipe.weighter.reference:
         raise ConfigError(f"{recipe.algorithm} needs a reference model: pass reference=DIR (weighter.reference), the "
-                          f"directory of a finished run, for example a baseline run")
+                          f"directory of a finished run, for example a baseline run, or a Hugging Face causal LM")
+    if _hf_reference(recipe.weighter.reference): return Path(recipe.weighter.reference)
     p = Path(recipe.weighter.reference).expanduser()
     f = p / "model.safetensors" if p.is_dir() else p
     if not f.is_file():
@@ -100,7 +126,13 @@ def build_weighter(recipe: Recipe, model: MTPTransformer):
         weighter = make_weighter("critic", d_model=model.cfg.d_model, gamma=w.gamma, lam=w.lam, beta=w.beta, w_min=w.w_min, w_max=w.w_max)
     else:
         f = _reference_path(recipe)
-        ref = load_reference(f, model.cfg)  # the shape in the reference's run.json, else the model's
+        if _hf_reference(w.reference):  # a pretrained model as the reference: its next-token CE is all rho1 reads
+            from wmtp.hf import from_pretrained
+            ref = from_pretrained(w.reference, n_future=1, dtype=torch.float32).requires_grad_(False)
+        else: ref = load_reference(f, model.cfg)  # the shape in the reference's run.json, else the model's
+        if ref.cfg.vocab_size != model.cfg.vocab_size:
+            raise ConfigError(f"the rho1 reference {w.reference} has a vocabulary of {ref.cfg.vocab_size} tokens, the model "
+                              f"{model.cfg.vocab_size}: rho1 compares their CE on the same tokens, so they must share one vocabulary")
         weighter = make_weighter(alg, reference=ref, temperature=w.temperature, keep_ratio=w.keep_ratio)
     return weighter.bind(model)
 
@@ -231,9 +263,20 @@ class _ConfigHash(Callback):
 # %% ../nbs/11_train.ipynb #0ed76a9e
 def _preflight(recipe: Recipe):
     "Check what can be checked before anything is written: the rho1 reference, the corpus file."
-    if recipe.algorithm.startswith("rho1"): _reference_path(recipe)
+    if recipe.algorithm.startswith("rho1"):
+        _reference_path(recipe)
+        if _hf_reference(recipe.weighter.reference): _check_reference_vocab(recipe)
     if recipe.data.corpus == "jsonl" and not (recipe.data.path and Path(recipe.data.path).is_file()):
         raise FileNotFoundError(f"data.corpus is 'jsonl' but data.path={recipe.data.path!r} is not a file")
+
+def _check_reference_vocab(recipe: Recipe):
+    "A pretrained rho1 reference must share the model's vocabulary: compared from the configs, before anything loads."
+    from wmtp.hf import _transformers
+    vocab = lambda src: _transformers().AutoConfig.from_pretrained(src).get_text_config(decoder=True).vocab_size
+    ref, mine = vocab(recipe.weighter.reference), vocab(recipe.model.pretrained) if recipe.model.pretrained else ByteTokenizer.vocab_size
+    if ref != mine:
+        raise ConfigError(f"the rho1 reference {recipe.weighter.reference} has a vocabulary of {ref} tokens, the model {mine}: "
+                          "rho1 compares their CE on the same tokens, so they must share one vocabulary")
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -282,12 +325,13 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
             raise ConfigError(f"{out} already holds a run's checkpoints: pass --resume to continue it, or --out for a new run")
         out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
-        tok = ByteTokenizer()
+        tok = build_tokenizer(recipe)
         train_ds, valid_ds = build_datasets(recipe, tok, config.seed)
         _planned_ok(recipe, train_ds, valid_ds, ctx.world_size)
         model = build_model(recipe, tok)
+        tok_name = "hf" if recipe.model.pretrained else "byte"
         if main:  # the model's shape first, so that checkpoints of a run that never finishes can be loaded
-            write_run_info(out, {"model_config": asdict(model.cfg), "config": asdict(config), "recipe": asdict(recipe), "tokenizer": "byte"})
+            write_run_info(out, {"model_config": asdict(model.cfg), "config": asdict(config), "recipe": asdict(recipe), "tokenizer": tok_name})
         weighter = build_weighter(recipe, model).to(policy.device)
         if ctx.world_size > 1:
             model = wdist.shard_model(model.to(ctx.device), ctx, policy)
@@ -332,7 +376,11 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         tracker.log_metrics({f"final/val_loss_h{k}": v for k, v in enumerate(per_head)} | {"final/val_loss": final["val_loss"]}, learn.step)
         save_run_model(out, model)
         model_cfg = asdict(model.cfg if hasattr(model, "cfg") else build_model(recipe, tok).cfg)
-        info = {"model_config": model_cfg, "config": asdict(config), "recipe": asdict(recipe), "tokenizer": "byte",
+        if recipe.model.pretrained and main:  # RUN_DIR/hf: plain transformers loads head 0, wmtp.hf every head
+            hf_dir = out / HF_DIR
+            if hf_dir.exists(): shutil.rmtree(hf_dir)  # a resumed run replaces an export of an earlier finish
+            export_run(out)
+        info = {"model_config": model_cfg, "config": asdict(config), "recipe": asdict(recipe), "tokenizer": tok_name,
                 "final_val_loss_per_head": per_head, "final_val_loss": final["val_loss"], "steps": learn.step,
                 "run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri if tracker.enabled else None,
                 "wall_time_s": round(time.time() - t0, 2), "world_size": ctx.world_size}
