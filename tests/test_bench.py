@@ -54,7 +54,8 @@ def test_targets_each_have_a_verdict(quick):
     names = [t["target"] for t in res["targets"]]
     for expected in ("fused vs flatten extra peak memory (cpu fp32, V=32768)", "fused vs flatten time (cpu fp32, V=131072)",
                      "mps vs cpu training step", "torch.compile training step (cpu)", "H=4 vs H=1 training step (cpu, 2-block trunk)",
-                     "self-speculative vs greedy tokens/s (cpu)"):
+                     "self-speculative vs greedy tokens/s (cpu)",
+                     "pretrained H=4 fused vs transformers' H=1 extra peak memory (cpu, V=4096, S=64)"):
         assert expected in names
     by = {t["target"]: t for t in res["targets"]}
     assert by["torch.compile training step (cpu)"]["met"] is None  # skipped in --quick: n/a, not "yes"

@@ -37,8 +37,10 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline(models, tmp_path_factory):
+    "The shipped recipe's offline command (a tiny local model instead of the Hub's Qwen), with a learning rate for a random model."
     out = tmp_path_factory.mktemp("runs") / "baseline"
-    _wmtp("train", "--out", out, f"model.pretrained={models['llama']}", *COMMON)
+    res = _wmtp("train", "--recipe", "pretrained", "--out", out, f"model.pretrained={models['llama']}", "optim.lr=3e-3", *COMMON)
+    assert "HF export" in res.stdout
     return out
 
 
@@ -94,6 +96,15 @@ def test_reference_with_another_vocabulary_is_an_error_and_writes_nothing(models
                 f"reference={models['other_vocab']}", *COMMON, check=False)
     assert res.returncode == 2 and "vocabulary of 320 tokens, the model 384" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "r").exists()
+
+
+def test_bad_pretrained_model_is_an_error_and_writes_nothing(models, tmp_path):
+    for arg, msg in ((f"model.pretrained={tmp_path / 'missing'}", "no such model folder"),
+                     (f"model.pretrained={tmp_path}", "is not a Hugging Face model"),
+                     ("data.seq_len=512", "longer than the pretrained model's 256 positions")):
+        res = _wmtp("train", "--out", tmp_path / "r", f"model.pretrained={models['llama']}", arg, *COMMON, check=False)
+        assert res.returncode == 2 and msg in res.stderr, res.stderr[-2000:]
+        assert not (tmp_path / "r").exists()
 
 
 def test_resume_after_kill_9_equals_an_uninterrupted_run(models, tmp_path):

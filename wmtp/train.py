@@ -263,11 +263,25 @@ class _ConfigHash(Callback):
 # %% ../nbs/11_train.ipynb #0ed76a9e
 def _preflight(recipe: Recipe):
     "Check what can be checked before anything is written: the rho1 reference, the corpus file."
+    if recipe.model.pretrained: _check_pretrained(recipe)
     if recipe.algorithm.startswith("rho1"):
         _reference_path(recipe)
         if _hf_reference(recipe.weighter.reference): _check_reference_vocab(recipe)
     if recipe.data.corpus == "jsonl" and not (recipe.data.path and Path(recipe.data.path).is_file()):
         raise FileNotFoundError(f"data.corpus is 'jsonl' but data.path={recipe.data.path!r} is not a file")
+
+def _check_pretrained(recipe: Recipe):
+    "`model.pretrained` names a causal LM whose positions hold `data.seq_len`: checked from its config, before anything loads."
+    from wmtp.hf import _is_local, _transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    src = recipe.model.pretrained
+    if _is_local(src) and not Path(src).expanduser().is_dir(): raise FileNotFoundError(f"model.pretrained={src}: no such model folder")
+    try: cfg = _transformers().AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e: raise ConfigError(f"model.pretrained={src} is not a Hugging Face model ({str(e).splitlines()[0]})") from None
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"model.pretrained={src} is a {cfg.model_type!r} model, not a causal language model")
+    n = getattr(cfg.get_text_config(decoder=True), "max_position_embeddings", None)
+    if n and recipe.data.seq_len > n: raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than the pretrained model's {n} positions")
 
 def _check_reference_vocab(recipe: Recipe):
     "A pretrained rho1 reference must share the model's vocabulary: compared from the configs, before anything loads."
@@ -402,6 +416,7 @@ def _summary(info: dict, out: Path) -> str:
     lines = [f"wmtp train: finished {info['recipe']['algorithm']} in {info['wall_time_s']:.1f} s ({info['steps']} steps)",
              f"  run directory   {out}", f"  final weights   {out / 'model.safetensors'}",
              f"  checkpoints     {out / 'checkpoints'} (latest: {Path(info['checkpoint']).name if info['checkpoint'] else 'none'})"]
+    if info["recipe"]["model"].get("pretrained"): lines.append(f"  HF export       {out / HF_DIR} (transformers loads head 0; wmtp.hf every head)")
     if info["tracking_uri"]: lines.append(f"  MLflow          {info['tracking_uri']}  run {info['run_id']}")
     if info["plots"]: lines.append(f"  plots           {', '.join(info['plots'])}")
     lines.append(f"  validation loss per head: {heads}  (all heads {info['final_val_loss']:.4f})")
