@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from wmtp.callbacks import GradAccumulation  # noqa: E402
-from wmtp.learner import Learner, TinyLM, synth_tokens, tiny_lm_loss  # noqa: E402
+from wmtp.learner import Learner  # noqa: E402
+from wmtp.testing import TinyLM, synth_tokens, tiny_lm_loss  # noqa: E402
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module")

@@ -1,6 +1,10 @@
-"""pytest settings for wmtp: the `slow` mark, and a clean environment for every test."""
-import os
+"""pytest settings for wmtp: the `slow` mark, a clean environment for every test, and the tests' shared helpers."""
+import os, socket
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -20,3 +24,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def free_port() -> int:
+    "A TCP port on 127.0.0.1 that nothing listens on now (for torchrun's rendezvous, or a server)."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra) -> dict:
+    "The environment for a worker process: this checkout's wmtp first on PYTHONPATH, one torch thread."
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}

@@ -4,21 +4,17 @@ The 8 sequences count different numbers of tokens, so each rank's loss is a mean
 averaging the ranks' gradients (what FSDP2 does) is a mean of means, GradAccumulation makes it the mean
 over all tokens. Tolerance: fp32 on CPU, only the order of float sums differs.
 """
-import os, socket, subprocess, sys
+import subprocess, sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import default_collate
 
+from conftest import free_port as _port, subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_accum_worker.py"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +22,7 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("accum")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_port()), str(WORKER), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     return {m: torch.load(out / f"{m}.pt", map_location="cpu", weights_only=True) for m in ("acc2", "acc1", "plain")}
 
@@ -36,7 +31,7 @@ def two_ranks(tmp_path_factory):
 def reference():
     "One process, one batch of all 8 sequences, one SGD step."
     sys.path.insert(0, str(ROOT))
-    from wmtp.learner import TinyLM, synth_tokens, tiny_lm_loss
+    from wmtp.testing import TinyLM, synth_tokens, tiny_lm_loss
     torch.manual_seed(0)
     model = TinyLM()
     data = synth_tokens(8, seed=3)

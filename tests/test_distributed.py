@@ -4,26 +4,17 @@ Each run is tests/_dist_worker.py, started alone or under `python -m torch.distr
 Tolerances: fp32 on CPU; a 2-process run differs from the 1-process run only in the order of float
 sums (gradient reduce-scatter, norm all-reduce), so losses and norms agree to rtol 1e-5.
 """
-import json, os, shutil, signal, socket, subprocess, sys
+import json, os, shutil, signal, subprocess, sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import free_port as _port, subprocess_env as _env
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_dist_worker.py"
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
 def _run(nproc: int, *args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -190,7 +181,7 @@ def reference(tmp_path_factory):
 
 
 # the critic's quick data (builtin tasks) with 40 tasks: with fewer, the last validation batch has 1 row,
-# which wmtp.train.RankSlice cannot split over 2 ranks
+# which wmtp.distributed.RankSlice cannot split over 2 ranks
 _CRITIC = ["data.n_tasks=40"]
 
 

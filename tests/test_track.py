@@ -1,16 +1,11 @@
 """wmtp.track against real servers: an unreachable one (fast) and a real `mlflow server` (slow)."""
-import json, os, signal, socket, subprocess, sys, time, urllib.request, warnings
+import json, os, signal, subprocess, sys, time, urllib.request, warnings
 from pathlib import Path
 
 import pytest
 
 from wmtp.track import Tracker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def read_jsonl(path):

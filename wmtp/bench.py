@@ -18,8 +18,9 @@ from .loss import mtp_targets, weighted_mtp_loss
 from .loss_bench import bench_loss_paths
 from .model import MTPConfig, MTPTransformer
 from .policy import Capabilities, DevicePolicy
-from .weights import make_weighter
-import wmtp.critic  # registers the critic with make_weighter now, not halfway through a run
+from .weighters import make_weighter
+from .recipes import Recipe
+from .train import MTPLossFn
 
 # %% auto #0
 __all__ = ['BENCH_SIZES', 'WEIGHTER_ROWS', 'median_time', 'bench_loss', 'make_train_step', 'bench_backends', 'bench_compile',
@@ -117,19 +118,16 @@ def _weighter(name: str, model: MTPTransformer, device):
 
 def make_train_step(cfg: MTPConfig, batch: dict, device="cpu", weighter: str = "baseline",
                     policy: DevicePolicy | None = None, seed: int = 0) -> Callable[[], float]:
-    "A closure that runs one training step (forward, weights, fused loss, backward, AdamW) and returns the loss."
+    "A closure that runs one training step of `wmtp train` (its loss function, backward, AdamW) and returns the loss."
     torch.manual_seed(seed)
     model = MTPTransformer(cfg).to(device)
     w = _weighter(weighter, model, device)
     opt = torch.optim.AdamW([*model.parameters(), *w.parameters()], lr=1e-3)
     fwd = policy.maybe_compile(model) if policy is not None else model
-    targets = mtp_targets(batch["labels"], cfg.n_future)
+    # the object `wmtp train` calls on every batch; a policy chooses the loss path as in a run whose recipe says auto
+    loss_fn = MTPLossFn(w, Recipe(), path=policy.loss_path if policy is not None else None)
     def step() -> float:
-        out = fwd(batch["input_ids"])
-        wt = w(batch, out, targets)
-        loss = weighted_mtp_loss(targets=targets, hidden=out.hidden, unembedding=model.unembedding,
-                                 weights=wt.weights, selection_mask=wt.selection_mask).loss
-        if (aux := w.aux_loss(batch, out)) is not None: loss = loss + aux
+        loss, _, _ = loss_fn(fwd, batch)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         return loss.item()
     return step

@@ -19,7 +19,7 @@ from .track import Tracker
 
 # %% auto #0
 __all__ = ['GradAccumulation', 'GradClip', 'WarmupCosine', 'LRSchedule', 'EarlyStopping', 'NonFiniteGuard', 'CheckpointCallback',
-           'TrackingCallback', 'ProgressCallback']
+           'TrackingCallback', 'ProgressCallback', 'HeadHistory', 'WeighterState', 'ConfigHash']
 
 # %% ../nbs/07a_callbacks.ipynb #0c09672e
 class GradAccumulation(Callback):
@@ -269,3 +269,36 @@ class ProgressCallback(Callback):
     def cleanup_fit(self):
         self.active = False
         if self.progress is not None: self.progress.close()
+
+# %% ../nbs/07a_callbacks.ipynb #889952da
+class HeadHistory(Callback):
+    "Per-head training CE every `every` steps, for the loss-per-head plot."
+    order = 96
+    def __init__(self, every: int): self.every, self.history, self.sums = every, [], {}
+    def after_loss(self):
+        if not self.learn.training: return
+        for k, (s, c) in self.learn.extras.items():
+            a, b = self.sums.get(k, (0.0, 0.0)); self.sums[k] = (a + float(s), b + float(c))
+    def after_step(self):
+        if self.learn.step % self.every: return
+        self.history.append((self.learn.step, {k.replace("ce_", "head "): s / max(c, 1) for k, (s, c) in self.sums.items()}))
+        self.sums = {}
+
+# %% ../nbs/07a_callbacks.ipynb #84a96ab5
+class WeighterState(Callback):
+    "Checkpoints carry the weighter (value head, running statistics); its statistics are logged."
+    order = 97
+    def __init__(self, weighter, tracker, every: int): self.weighter, self.tracker, self.every = weighter, tracker, every
+    def save_state(self, state: dict): state["weighter"] = self.weighter
+    def after_step(self):
+        if self.tracker is not None and self.learn.step % self.every == 0:
+            self.tracker.log_metrics(self.weighter.stats(), self.learn.step)
+
+class ConfigHash(Callback):
+    "Record the config hash in checkpoints; warn when resuming a checkpoint made by another recipe."
+    def __init__(self, h: str): self.h = h
+    def save_state(self, state: dict): state["trainer"]["config_hash"] = self.h
+    def load_state(self, plain: dict):
+        old = plain["trainer"].get("config_hash")
+        if old and old != self.h:
+            warnings.warn(f"resuming a checkpoint made with another config/recipe (hash {old}, now {self.h}): results will differ from an uninterrupted run")

@@ -6,16 +6,19 @@
 from __future__ import annotations
 from typing import Iterator
 
+import numpy as np
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 from fastcore.basics import patch
 
+from .learner import Callback, Learner
 from .model import MTPOutput
-from .weights import Weighter, masked_stats, mtp_model, register_weighter, spread_to_heads
+from .weights import Weighter, masked_stats, mtp_model, spread_to_heads
 
 # %% auto #0
-__all__ = ['ValueHead', 'gae', 'CriticWeighter', 'roc_auc']
+__all__ = ['ValueHead', 'gae', 'CriticWeighter', 'fit_value_head', 'roc_auc']
 
 # %% ../nbs/08a_critic.ipynb #121ec663
 class ValueHead(nn.Module):
@@ -170,7 +173,29 @@ def _raw(self: CriticWeighter, batch, out, targets, valid):
     self._last.update(advantage=masked_stats(adv, tok), whitened=masked_stats(z, tok))
     return spread_to_heads(w_tok, targets.shape[-1], 1), None  # row (t, k) takes the weight of token t+1+k
 
-register_weighter("critic", CriticWeighter)
+# %% ../nbs/08a_critic.ipynb #3cc7934c
+class _ValueLoss:
+    "Stage 1 of the critic: the value head's loss alone, the model run without gradients."
+    def __init__(self, weighter): self.weighter = weighter
+    def __call__(self, model, batch):
+        with torch.no_grad(): out = model(batch["input_ids"])
+        loss = self.weighter.aux_loss(batch, out)
+        n = (batch["labels"] != -100).sum()
+        return loss, n, {}
+
+def fit_value_head(weighter: CriticWeighter, model: nn.Module, train_dl, steps: int, lr: float = 1e-3, policy=None, log=print) -> float:
+    "Fit the critic's value head for `steps` steps (the model left alone); return its last loss."
+    if not any(True for _ in weighter.parameters()): raise ValueError("the critic weighter has no value head parameters")
+    weighter.stage = 1
+    opt = torch.optim.AdamW(weighter.parameters(), lr=lr)
+    losses = []
+    class _Keep(Callback):
+        def after_loss(self): losses.append(float(self.learn.loss.detach()))
+    with Learner(model, train_dl, _ValueLoss(weighter), opt, policy=policy, cbs=[_Keep()]) as learn:
+        learn.fit(max_steps=steps)
+    weighter.stage = 2
+    log(f"critic stage 1: value loss {losses[0]:.4f} -> {np.mean(losses[-5:]):.4f} over {len(losses)} steps")
+    return float(np.mean(losses[-5:]))
 
 # %% ../nbs/08a_critic.ipynb #9b67b955
 def roc_auc(scores, labels) -> float:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from . import core
 from .core import is_distributed, is_main, launch_env
 from .learner import Callback
 from .callbacks import GradClip
@@ -23,7 +24,7 @@ from .callbacks import GradClip
 __all__ = ['DistContext', 'init_distributed', 'shutdown_distributed', 'rank0_print', 'barrier', 'all_reduce_mean', 'RankFailure',
            'collective_errors', 'mixed_precision', 'shard_model', 'replicate_module', 'place_weighter', 'grad_norm',
            'clip_grad_norm', 'DistGradClip', 'distributed_sampler', 'set_sampler_epoch', 'DistributedSamplerCallback',
-           'reshard', 'DistributedValidation']
+           'reshard', 'DistributedValidation', 'RankSlice']
 
 # %% ../nbs/10_distributed.ipynb #e9ce1e9b
 @dataclass
@@ -79,11 +80,11 @@ def init_distributed(policy_or_device=None,  # a `DevicePolicy`, a device or its
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if backend == "auto": backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda": raise ValueError(f"backend='nccl' needs CUDA, the device is {dev}: use gloo")
-    if not dist.is_initialized():
+    if not is_distributed():
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
-    elif (dist.get_rank(), dist.get_world_size()) != (rank, world):
-        raise RuntimeError(f"a process group is already initialised as rank {dist.get_rank()} of {dist.get_world_size()}; the environment says {rank} of {world}")
+    elif (core.rank(), core.world_size()) != (rank, world):
+        raise RuntimeError(f"a process group is already initialised as rank {core.rank()} of {core.world_size()}; the environment says {rank} of {world}")
     from torch.distributed.device_mesh import init_device_mesh
     return DistContext(rank, local, world, dev, init_device_mesh(dev.type, (world,)), backend, float(timeout_s))
 
@@ -265,3 +266,15 @@ class DistributedValidation(Callback):
         with collective_errors(self.ctx, "validation"): dist.all_reduce(t)
         s, c = t[:len(keys)].tolist(), t[len(keys):].tolist()
         self.learn.metrics = {f"val_{k}": (a / b if b else float("nan")) for k, a, b in zip(keys, s, c)}
+
+# %% ../nbs/10_distributed.ipynb #335b35c1
+class RankSlice(Callback):
+    "Keep this rank's rows of every global batch (`rank::world_size`)."
+    order = -25  # before the device callback moves the batch
+    def __init__(self, rank: int, world_size: int): self.rank, self.world = rank, world_size
+    def before_batch(self):
+        b = self.learn.batch
+        n = len(b["input_ids"])
+        if n % self.world:
+            raise ValueError(f"global batch of {n} rows does not split over {self.world} ranks: use a batch_size divisible by the world size")
+        self.learn.batch = {k: v[self.rank::self.world] for k, v in b.items()}

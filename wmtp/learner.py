@@ -15,8 +15,7 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'CancelStepException',
-           'CancelValidateException', 'Callback', 'WeightedMeans', 'synth_tokens', 'TinyLM', 'tiny_lm_loss', 'Learner',
-           'ValidationCallback', 'DeviceCallback']
+           'CancelValidateException', 'Callback', 'WeightedMeans', 'Learner', 'ValidationCallback', 'DeviceCallback']
 
 # %% ../nbs/07_learner.ipynb #496bf2ca
 class CancelFitException(Exception): "Stop training: `after_cancel_fit` and `cleanup_fit` run, `after_fit` does not."
@@ -70,38 +69,6 @@ class WeightedMeans:
             c = float(self.counts[k])
             out[k] = float(s) / c if c else math.nan
         return out
-
-# %% ../nbs/07_learner.ipynb #ac787c2c
-def synth_tokens(n: int, seq_len: int = 12, vocab: int = 16, seed: int = 0) -> list[dict]:
-    "`n` counting sequences with random starts and random trailing padding (labels -100), for tests."
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, vocab, (n, 1), generator=g)
-    ids = (start + torch.arange(seq_len)) % vocab
-    n_pad = torch.randint(0, seq_len // 2, (n,), generator=g)
-    labels = ids.masked_fill(torch.arange(seq_len) >= seq_len - n_pad[:, None], -100)
-    return [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
-
-class TinyLM(nn.Module):
-    "An embedding and `n_heads` linear heads: head k at position t predicts token t+1+k. For tests."
-    def __init__(self, vocab: int = 16, d: int = 16, n_heads: int = 2, dropout: float = 0.0):
-        super().__init__()
-        self.emb, self.heads = nn.Embedding(vocab, d), nn.ModuleList(nn.Linear(d, vocab) for _ in range(n_heads))
-        self.drop = nn.Dropout(dropout)
-    def forward(self, ids):
-        x = self.drop(self.emb(ids))
-        return torch.stack([h(x) for h in self.heads], 2)  # [B,S,H,V]
-
-def tiny_lm_loss(model: nn.Module, batch: dict):
-    "Mean cross-entropy over all valid (position, head) rows: `(loss, n_tokens, {'ce_h{k}': (sum, count)})`."
-    logits, labels = model(batch["input_ids"]), batch["labels"]
-    H, S = logits.shape[2], labels.shape[1]
-    sums, counts = [], []
-    for k in range(H):
-        tgt = labels[:, 1 + k:]  # head k at t predicts t+1+k
-        ce = nn.functional.cross_entropy(logits[:, :S - 1 - k, k].float().flatten(0, 1), tgt.flatten(), reduction="sum")
-        sums.append(ce); counts.append((tgt != -100).sum())
-    n = torch.stack(counts).sum()
-    return torch.stack(sums).sum() / n, n, {f"ce_h{k}": (s.detach(), c) for k, (s, c) in enumerate(zip(sums, counts))}
 
 # %% ../nbs/07_learner.ipynb #8f26b006
 class Learner:

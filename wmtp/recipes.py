@@ -21,12 +21,16 @@ __all__ = ['ALGORITHMS', 'CONFIG_DIR', 'SHORT_NAMES', 'DevicesConfig', 'PathsCon
 # %% ../nbs/09_recipes.ipynb #71899b23
 @dataclass
 class DevicesConfig:
-    "Device, precision, compile and loader policy (see `wmtp.policy.DevicePolicy`)."
-    device: str = "auto"            # auto | cpu | cuda | mps
-    precision: str = "auto"         # auto | fp32 | bf16 | fp16
-    compile: bool = False           # torch.compile the model (falls back to eager where it fails)
-    num_workers: Union[int, str] = "auto"
-    profile: Optional[str] = None   # a profile name (wmtp/configs/profiles) or a YAML path, overlaid first
+    "Settings for `wmtp.policy.DevicePolicy`, each optional: unset (None) takes the profile's, else the policy's default (auto)."
+    device: Optional[str] = None       # auto | cpu | cuda | cuda:N | mps
+    precision: Optional[str] = None    # auto | fp32 | bf16 | fp16
+    compile: Optional[bool] = None     # torch.compile the model (falls back to eager where it fails); off by default
+    num_workers: Union[int, str, None] = None  # DataLoader workers: auto or a number
+    profile: Optional[str] = None      # a profile name (wmtp/configs/profiles) or a YAML path: a partial config under these
+
+    def settings(self) -> dict:
+        "The settings this config sets (not None), as `DevicePolicy` keyword arguments."
+        return {k: v for k, v in asdict(self).items() if k != "profile" and v is not None}
 
 @dataclass
 class PathsConfig:
@@ -293,6 +297,6 @@ def apply_overrides(config: Config, recipe: Recipe, overrides=()) -> tuple[Confi
 # %% ../nbs/09_recipes.ipynb #3cf3bf7f
 def config_hash(config: Config, recipe: Recipe) -> str:
     "A short hash of everything that changes the trained weights."
-    payload = {"recipe": asdict(recipe), "seed": config.seed, "precision": config.devices.precision}
+    payload = {"recipe": asdict(recipe), "seed": config.seed, "precision": config.devices.precision or "auto"}
     payload["recipe"]["optim"].pop("eval_interval", None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #b8d96151
 from __future__ import annotations
-import argparse, hashlib, json, math, os, random, shutil, sys, time, warnings
+import argparse, hashlib, math, random, shutil, sys, time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -18,11 +18,12 @@ from .data import (ByteTokenizer, stdlib_documents, pack_documents, PackedDatase
 from .verify import builtin_tasks, labelled_records
 from .model import MTPConfig, MTPTransformer
 from .loss import mtp_targets, weighted_mtp_loss
-from .learner import Learner, Callback
+from .learner import Learner
 from .callbacks import (GradAccumulation, GradClip, WarmupCosine, LRSchedule, EarlyStopping, NonFiniteGuard,
-                            CheckpointCallback, TrackingCallback, ProgressCallback)
+                            CheckpointCallback, TrackingCallback, ProgressCallback, HeadHistory, WeighterState, ConfigHash)
 from .core import launch_env, unwrap_model
-from .weights import make_weighter, load_reference
+from .weighters import make_weighter
+from .critic import fit_value_head
 from .checkpoint import CheckpointManager
 from .run import CHECKPOINTS, PLOTS, HF_DIR, has_checkpoints, save_run_model, write_run_info, export_run
 from .track import Tracker
@@ -31,7 +32,7 @@ from . import distributed as wdist
 
 # %% auto #0
 __all__ = ['QUICK', 'resolve', 'seed_everything', 'build_datasets', 'build_tokenizer', 'build_model', 'build_weighter',
-           'MTPLossFn', 'fit_value_head', 'RankSlice', 'train', 'train_main']
+           'MTPLossFn', 'train', 'train_main']
 
 # %% ../nbs/11_train.ipynb #08e66150
 QUICK = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
@@ -119,22 +120,18 @@ def _reference_path(recipe: Recipe) -> Path:
     return f
 
 def build_weighter(recipe: Recipe, model: MTPTransformer):
-    "The weighter of the recipe's algorithm, bound to `model`."
-    w, alg = recipe.weighter, recipe.algorithm
-    if alg == "baseline": weighter = make_weighter("baseline", head_decay=w.head_decay)
-    elif alg == "critic":
-        weighter = make_weighter("critic", d_model=model.cfg.d_model, gamma=w.gamma, lam=w.lam, beta=w.beta, w_min=w.w_min, w_max=w.w_max)
-    else:
-        f = _reference_path(recipe)
-        if _hf_reference(w.reference):  # a pretrained model as the reference: its next-token CE is all rho1 reads
-            from wmtp.hf import from_pretrained
-            ref = from_pretrained(w.reference, n_future=1, dtype=torch.float32).requires_grad_(False)
-        else: ref = load_reference(f, model.cfg)  # the shape in the reference's run.json, else the model's
-        if ref.cfg.vocab_size != model.cfg.vocab_size:
-            raise ConfigError(f"the rho1 reference {w.reference} has a vocabulary of {ref.cfg.vocab_size} tokens, the model "
-                              f"{model.cfg.vocab_size}: rho1 compares their CE on the same tokens, so they must share one vocabulary")
-        weighter = make_weighter(alg, reference=ref, temperature=w.temperature, keep_ratio=w.keep_ratio)
-    return weighter.bind(model)
+    "The weighter of the recipe's algorithm (from the weighter registry), bound to `model`."
+    settings = {k: v for k, v in asdict(recipe.weighter).items() if k not in ("stage1_steps", "value_lr", "reference")}
+    # rho1 loads its reference in `bind`, with the shape in the reference's run.json (else the model's)
+    ref = _reference_path(recipe) if recipe.algorithm.startswith("rho1") else None
+    if ref is not None and _hf_reference(recipe.weighter.reference):  # a pretrained model: its next-token CE is all rho1 reads
+        from wmtp.hf import from_pretrained
+        ref = from_pretrained(recipe.weighter.reference, n_future=1, dtype=torch.float32).requires_grad_(False)
+    weighter = make_weighter(recipe.algorithm, reference=ref, **settings).bind(model)
+    if ref is not None and weighter.reference.cfg.vocab_size != model.cfg.vocab_size:
+        raise ConfigError(f"the rho1 reference {recipe.weighter.reference} has a vocabulary of {weighter.reference.cfg.vocab_size} tokens, "
+                          f"the model {model.cfg.vocab_size}: rho1 compares their CE on the same tokens, so they must share one vocabulary")
+    return weighter
 
 # %% ../nbs/11_train.ipynb #2ddc564b
 class MTPLossFn:
@@ -169,98 +166,7 @@ class MTPLossFn:
         n = res.valid.sum() if self.loss.norm == "token" else rows.sum()
         return loss, n, extras
 
-# %% ../nbs/11_train.ipynb #e0dfef09
-class _ValueLoss:
-    "Stage 1 of the critic: the value head's loss alone, the model run without gradients."
-    def __init__(self, weighter): self.weighter = weighter
-    def __call__(self, model, batch):
-        with torch.no_grad(): out = model(batch["input_ids"])
-        loss = self.weighter.aux_loss(batch, out)
-        n = (batch["labels"] != -100).sum()
-        return loss, n, {}
-
-def fit_value_head(weighter, model, train_dl, recipe: Recipe, policy, log=print) -> float:
-    "Fit the critic's value head for `weighter.stage1_steps` steps; return its last loss."
-    if not any(True for _ in weighter.parameters()): raise ValueError("the critic weighter has no value head parameters")
-    weighter.stage = 1
-    opt = torch.optim.AdamW(weighter.parameters(), lr=recipe.weighter.value_lr)
-    losses = []
-    class _Keep(Callback):
-        def after_loss(self): losses.append(float(self.learn.loss.detach()))
-    with Learner(model, train_dl, _ValueLoss(weighter), opt, policy=policy, cbs=[_Keep()]) as learn:
-        learn.fit(max_steps=recipe.weighter.stage1_steps)
-    weighter.stage = 2
-    log(f"critic stage 1: value loss {losses[0]:.4f} -> {np.mean(losses[-5:]):.4f} over {len(losses)} steps")
-    return float(np.mean(losses[-5:]))
-
-# %% ../nbs/11_train.ipynb #f41fe1c3
-class RankSlice(Callback):
-    "Keep this rank's rows of every global batch (`rank::world_size`)."
-    order = -25  # before the device callback moves the batch
-    def __init__(self, rank: int, world_size: int): self.rank, self.world = rank, world_size
-    def before_batch(self):
-        b = self.learn.batch
-        n = len(b["input_ids"])
-        if n % self.world:
-            raise ValueError(f"global batch of {n} rows does not split over {self.world} ranks: use a batch_size divisible by the world size")
-        self.learn.batch = {k: v[self.rank::self.world] for k, v in b.items()}
-
-# %% ../nbs/11_train.ipynb #3eca5c0b
-def _planned_ok(recipe: Recipe, train_ds, valid_ds, world_size: int = 1):
-    bs = recipe.data.batch_size
-    if len(train_ds) < bs:
-        raise ConfigError(f"the training data has {len(train_ds)} rows, fewer than one batch of {bs}: "
-                          f"raise data.max_files / data.max_bytes (or data.n_tasks) or lower data.batch_size")
-    if world_size > 1 and (bs % world_size or len(valid_ds) < bs):
-        raise ConfigError(f"{world_size} processes need data.batch_size ({bs}) divisible by {world_size} and at least one full "
-                          f"validation batch (there are {len(valid_ds)} validation rows): raise data.n_tasks or lower data.batch_size")
-
-def _save_plots(out: Path, history, weights, tracker, main: bool) -> list[Path]:
-    "Loss per head and the weight histogram as PNG files, logged to the run."
-    if not main: return []
-    import matplotlib; import matplotlib.pyplot as plt
-    (out / PLOTS).mkdir(parents=True, exist_ok=True)
-    paths = []
-    figs = [("loss_per_head.png", plot_head_losses(history) if history else None),
-            ("weights.png", plot_weight_histogram(weights[0], mask=weights[1]) if weights is not None else None)]
-    for name, fig in figs:
-        if fig is None: continue
-        fig.savefig(out / PLOTS / name, dpi=80); paths.append(out / PLOTS / name)
-        tracker.log_figure(fig, name); plt.close(fig)
-    return paths
-
-class _HeadHistory(Callback):
-    "Per-head training CE every `every` steps, for the loss-per-head plot."
-    order = 96
-    def __init__(self, every: int): self.every, self.history, self.sums = every, [], {}
-    def after_loss(self):
-        if not self.learn.training: return
-        for k, (s, c) in self.learn.extras.items():
-            a, b = self.sums.get(k, (0.0, 0.0)); self.sums[k] = (a + float(s), b + float(c))
-    def after_step(self):
-        if self.learn.step % self.every: return
-        self.history.append((self.learn.step, {k.replace("ce_", "head "): s / max(c, 1) for k, (s, c) in self.sums.items()}))
-        self.sums = {}
-
-class _WeighterState(Callback):
-    "Checkpoints carry the weighter (value head, running statistics); its statistics are logged."
-    order = 97
-    def __init__(self, weighter, tracker, every: int): self.weighter, self.tracker, self.every = weighter, tracker, every
-    def save_state(self, state: dict): state["weighter"] = self.weighter
-    def after_step(self):
-        if self.tracker is not None and self.learn.step % self.every == 0:
-            self.tracker.log_metrics(self.weighter.stats(), self.learn.step)
-
-class _ConfigHash(Callback):
-    "Record the config hash in checkpoints; warn when resuming a checkpoint made by another recipe."
-    def __init__(self, h: str, log): self.h, self.log = h, log
-    def save_state(self, state: dict): state["trainer"]["config_hash"] = self.h
-    def load_state(self, plain: dict):
-        old = plain["trainer"].get("config_hash")
-        if old and old != self.h:
-            warnings.warn(f"resuming a checkpoint made with another config/recipe (hash {old}, now {self.h}): results will differ from an uninterrupted run")
-
-# %% ../nbs/11_train.ipynb #0ed76a9e
+# %% ../nbs/11_train.ipynb #bfb5d106
 def _preflight(recipe: Recipe):
     "Check what can be checked before anything is written: the rho1 reference, the corpus file."
     if recipe.model.pretrained: _check_pretrained(recipe)
@@ -292,22 +198,38 @@ def _check_reference_vocab(recipe: Recipe):
         raise ConfigError(f"the rho1 reference {recipe.weighter.reference} has a vocabulary of {ref} tokens, the model {mine}: "
                           "rho1 compares their CE on the same tokens, so they must share one vocabulary")
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
-        else: out[prefix + k] = v
-    return out
+def _check_out(out: Path, resume: bool):
+    "A new run never writes into a directory that holds another run's checkpoints."
+    if not resume and has_checkpoints(out):
+        raise ConfigError(f"{out} already holds a run's checkpoints: pass --resume to continue it, or --out for a new run")
 
-def _policy(config: Config, verbose: bool) -> DevicePolicy:
-    d = config.devices
-    kw = dict(device=d.device, precision=d.precision, compile=d.compile, num_workers=d.num_workers, seed=config.seed)
-    if d.profile:  # the profile first, then only what the user set explicitly
-        base = DevicesConfig()
-        kw = {k: v for k, v in kw.items() if k == "seed" or getattr(base, k) != v}
-        return DevicePolicy.from_profile(d.profile, verbose=verbose, **kw)
-    return DevicePolicy(verbose=verbose, **kw)
+def _planned_ok(recipe: Recipe, train_ds, valid_ds, world_size: int = 1):
+    "Enough data for one batch (per rank); batches that split evenly over the ranks."
+    bs = recipe.data.batch_size
+    if len(train_ds) < bs:
+        raise ConfigError(f"the training data has {len(train_ds)} rows, fewer than one batch of {bs}: "
+                          f"raise data.max_files / data.max_bytes (or data.n_tasks) or lower data.batch_size")
+    if world_size > 1 and (bs % world_size or len(valid_ds) < bs):
+        raise ConfigError(f"{world_size} processes need data.batch_size ({bs}) divisible by {world_size} and at least one full "
+                          f"validation batch (there are {len(valid_ds)} validation rows): raise data.n_tasks or lower data.batch_size")
 
+# %% ../nbs/11_train.ipynb #a5bd15a1
+def _policy(config: Config, recipe: Recipe, verbose: bool) -> DevicePolicy:
+    "The device policy: a profile's settings under those the config sets, and the loss path (the recipe's unless it says auto)."
+    kw = config.devices.settings()  # only what the config sets: an explicit `device=auto` wins over a profile
+    if recipe.loss.path != "auto": kw["loss_path"] = recipe.loss.path
+    kw.update(seed=config.seed, verbose=verbose)
+    return DevicePolicy.from_profile(config.devices.profile, **kw) if config.devices.profile else DevicePolicy(**kw)
+
+def _start(config: Config, recipe: Recipe) -> tuple[DevicePolicy, wdist.DistContext]:
+    "The device policy, and this process's place in the job (one process unless torchrun started several)."
+    dc, env = config.distributed, launch_env()
+    if dc.strategy == "none" and env.world_size > 1:
+        raise ConfigError("distributed.strategy is 'none' but torchrun started several processes")
+    policy = _policy(config, recipe, verbose=env.rank == 0)
+    return policy, wdist.init_distributed(policy, backend=dc.backend, timeout_s=dc.timeout_s)
+
+# %% ../nbs/11_train.ipynb #72711b39
 def _optimizer(model, weighter, o) -> torch.optim.Optimizer:
     "AdamW with weight decay on matrices only; a value head joins it only if it keeps learning in stage 2."
     # the critic's value head is fitted in stage 1 and frozen by default after it: keeping it out of this optimizer
@@ -321,95 +243,101 @@ def _optimizer(model, weighter, o) -> torch.optim.Optimizer:
     return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                              lr=o.lr, betas=tuple(o.betas))
 
-def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) -> dict:
-    "Run the recipe under the config; return a summary (paths, final validation loss per head, wall time)."
-    t0 = time.time()
-    out = Path(config.paths.out).expanduser().resolve()
-    dc = config.distributed
-    if dc.strategy == "none" and launch_env().world_size > 1:
-        raise ConfigError("distributed.strategy is 'none' but torchrun started several processes")
-    policy = _policy(config, verbose=launch_env().rank == 0)
-    ctx = wdist.init_distributed(policy, backend=dc.backend, timeout_s=dc.timeout_s)
-    main = ctx.is_main
-    say = log if main else (lambda *a, **k: None)
-    tracker = None
-    try:
-        _preflight(recipe)
-        if not resume and has_checkpoints(out):
-            raise ConfigError(f"{out} already holds a run's checkpoints: pass --resume to continue it, or --out for a new run")
-        out.mkdir(parents=True, exist_ok=True)
-        seed_everything(config.seed)
-        tok = build_tokenizer(recipe)
-        train_ds, valid_ds = build_datasets(recipe, tok, config.seed)
-        _planned_ok(recipe, train_ds, valid_ds, ctx.world_size)
-        model = build_model(recipe, tok)
-        tok_name = "hf" if recipe.model.pretrained else "byte"
-        if main:  # the model's shape first, so that checkpoints of a run that never finishes can be loaded
-            write_run_info(out, {"model_config": asdict(model.cfg), "config": asdict(config), "recipe": asdict(recipe), "tokenizer": tok_name})
-        weighter = build_weighter(recipe, model).to(policy.device)
-        if ctx.world_size > 1:
-            model = wdist.shard_model(model.to(ctx.device), ctx, policy)
-            wdist.place_weighter(weighter, ctx)
-        opt = _optimizer(model, weighter, recipe.optim)
-        model = policy.maybe_compile(model)  # the original module unless devices.compile is on (eager where compile fails)
-        o, ck, tr = recipe.optim, config.checkpoints, config.tracking
-        bs = recipe.data.batch_size
-        train_dl = lambda epoch: make_loader(train_ds, bs, policy, shuffle=True, epoch=epoch, drop_last=True)
-        # several ranks split every batch: a short last validation batch is dropped so that each rank has rows
-        valid_dl = lambda epoch: [b for _, b in zip(range(o.eval_batches), make_loader(valid_ds, bs, policy, shuffle=False,
-                                                                                     drop_last=ctx.world_size > 1))]
-        manager = CheckpointManager(out / CHECKPOINTS, keep_last=ck.keep_last, keep_best=ck.keep_best, best_metric="val_loss")
-        resuming = resume and manager.latest() is not None
-        tracker = Tracker(out, tracking_uri=tr.uri, experiment=tr.experiment, run_name=tr.run_name, enabled=tr.enabled and main)
-        if recipe.algorithm == "critic" and not resuming:
-            fit_value_head(weighter, model, train_dl, recipe, policy, log=say)
-        if recipe.algorithm == "critic": weighter.stage = 2
-        loss_fn = MTPLossFn(weighter, recipe, path=policy.loss_path if recipe.loss.path == "auto" else None)
-        history = _HeadHistory(tr.log_every)
-        clip = [wdist.DistGradClip(o.clip_norm) if ctx.world_size > 1 else GradClip(o.clip_norm)] if o.clip_norm else []
-        warmup = min(o.warmup_steps, o.max_steps - 1)  # a run shorter than its warmup still gets a schedule
-        cbs = [*clip, LRSchedule(WarmupCosine(opt, warmup, o.max_steps, o.min_lr_ratio)), NonFiniteGuard(o.nonfinite),
-               CheckpointCallback(manager, save_interval=ck.save_interval or None, save_final=ck.save_final, resume=resume, verbose=main),
-               TrackingCallback(tracker, tr.log_every, params=_flat({"recipe": asdict(recipe), "seed": config.seed}), end_run=False),
-               history, _WeighterState(weighter, tracker, tr.log_every), _ConfigHash(config_hash(config, recipe), say)]
-        # several ranks: accumulation also weights each rank's rows by its token count (not a mean of rank means)
-        if o.grad_accum > 1 or ctx.world_size > 1: cbs.append(GradAccumulation(o.grad_accum))
-        if o.early_stop_patience: cbs.append(EarlyStopping("val_loss", patience=o.early_stop_patience))
-        if main: cbs.append(ProgressCallback(total=o.max_steps, log_every=tr.log_every))
-        if ctx.world_size > 1:  # each rank its rows; validation metrics over all ranks' rows, the same on every rank
-            cbs += [RankSlice(ctx.rank, ctx.world_size), wdist.DistributedValidation(ctx)]
-        say(f"wmtp train: {recipe.algorithm} on {recipe.data.corpus} ({len(train_ds)} training rows), "
-            f"{model.num_params() if hasattr(model, 'num_params') else sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{policy.device} {policy.precision}, {ctx.world_size} process(es), {o.max_steps} steps -> {out}")
-        with Learner(model, train_dl, loss_fn, opt, valid_dl=valid_dl, policy=policy, cbs=cbs, valid_every=o.eval_interval) as learn:
-            learn.fit(max_steps=o.max_steps)
-            # the fit's own last validation (same autocast) when it ran at this step, else one more
-            final = learn.metrics if learn.metrics and learn.metrics_step == learn.step else learn.validate()
-        H = recipe.model.n_future
-        per_head = [final[f"val_ce_h{k}"] for k in range(H)]
-        tracker.log_metrics({f"final/val_loss_h{k}": v for k, v in enumerate(per_head)} | {"final/val_loss": final["val_loss"]}, learn.step)
-        save_run_model(out, model)
-        model_cfg = asdict(model.cfg if hasattr(model, "cfg") else build_model(recipe, tok).cfg)
-        if recipe.model.pretrained and main:  # RUN_DIR/hf: plain transformers loads head 0, wmtp.hf every head
-            hf_dir = out / HF_DIR
-            if hf_dir.exists(): shutil.rmtree(hf_dir)  # a resumed run replaces an export of an earlier finish
-            export_run(out)
-        info = {"model_config": model_cfg, "config": asdict(config), "recipe": asdict(recipe), "tokenizer": tok_name,
-                "final_val_loss_per_head": per_head, "final_val_loss": final["val_loss"], "steps": learn.step,
-                "run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri if tracker.enabled else None,
-                "wall_time_s": round(time.time() - t0, 2), "world_size": ctx.world_size}
-        plots = _save_plots(out, history.history, loss_fn.last_weights, tracker, main)
-        if main:
-            tracker.log_artifact(write_run_info(out, info))
-        tracker.end("FINISHED")
-        info.update(out=str(out), plots=[str(p) for p in plots], checkpoint=str(manager.latest()))
-        say(_summary(info, out))
-        return info
-    except BaseException as e:  # the MLflow run says how the run ended
-        if tracker is not None: tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    finally:
-        wdist.shutdown_distributed(ctx)
+def _place(model, weighter, recipe: Recipe, policy: DevicePolicy, ctx) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    "The model sharded over the ranks (several processes), its optimizer, and the model compiled if asked."
+    if ctx.world_size > 1:
+        model = wdist.shard_model(model.to(ctx.device), ctx, policy)
+        wdist.place_weighter(weighter, ctx)
+    opt = _optimizer(model, weighter, recipe.optim)
+    return policy.maybe_compile(model), opt  # the original module unless devices.compile is on (eager where compile fails)
+
+# %% ../nbs/11_train.ipynb #d97a29e5
+def _loaders(train_ds, valid_ds, recipe: Recipe, policy: DevicePolicy, world_size: int = 1):
+    "Training and validation loaders, as functions of the epoch."
+    bs, n_valid = recipe.data.batch_size, recipe.optim.eval_batches
+    train_dl = lambda epoch: make_loader(train_ds, bs, policy, shuffle=True, epoch=epoch, drop_last=True)
+    # several ranks split every batch: a short last validation batch is dropped so that each rank has rows
+    valid_dl = lambda epoch: [b for _, b in zip(range(n_valid), make_loader(valid_ds, bs, policy, shuffle=False,
+                                                                            drop_last=world_size > 1))]
+    return train_dl, valid_dl
+
+# %% ../nbs/11_train.ipynb #c6699ccd
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
+        else: out[prefix + k] = v
+    return out
+
+def _callbacks(config: Config, recipe: Recipe, opt, manager, tracker, weighter, history, ctx, resume: bool) -> list:
+    "Every callback of the run."
+    o, ck, tr = recipe.optim, config.checkpoints, config.tracking
+    clip = [wdist.DistGradClip(o.clip_norm) if ctx.world_size > 1 else GradClip(o.clip_norm)] if o.clip_norm else []
+    warmup = min(o.warmup_steps, o.max_steps - 1)  # a run shorter than its warmup still gets a schedule
+    cbs = [*clip, LRSchedule(WarmupCosine(opt, warmup, o.max_steps, o.min_lr_ratio)), NonFiniteGuard(o.nonfinite),
+           CheckpointCallback(manager, save_interval=ck.save_interval or None, save_final=ck.save_final, resume=resume, verbose=ctx.is_main),
+           TrackingCallback(tracker, tr.log_every, params=_flat({"recipe": asdict(recipe), "seed": config.seed}), end_run=False),
+           history, WeighterState(weighter, tracker, tr.log_every), ConfigHash(config_hash(config, recipe))]
+    # several ranks: accumulation also weights each rank's rows by its token count (not a mean of rank means)
+    if o.grad_accum > 1 or ctx.world_size > 1: cbs.append(GradAccumulation(o.grad_accum))
+    if o.early_stop_patience: cbs.append(EarlyStopping("val_loss", patience=o.early_stop_patience))
+    if ctx.is_main: cbs.append(ProgressCallback(total=o.max_steps, log_every=tr.log_every))
+    if ctx.world_size > 1:  # each rank its rows; validation metrics over all ranks' rows, the same on every rank
+        cbs += [wdist.RankSlice(ctx.rank, ctx.world_size), wdist.DistributedValidation(ctx)]
+    return cbs
+
+# %% ../nbs/11_train.ipynb #f0b6e78e
+def _critic_stage1(recipe: Recipe, weighter, model, train_dl, policy: DevicePolicy, resuming: bool, log=print):
+    "Fit the critic's value head before the weighted training (a resumed checkpoint already holds it)."
+    if recipe.algorithm != "critic": return
+    if not resuming: fit_value_head(weighter, model, train_dl, recipe.weighter.stage1_steps, recipe.weighter.value_lr, policy, log=log)
+    weighter.stage = 2
+
+def _fit(model, train_dl, valid_dl, loss_fn, opt, policy: DevicePolicy, cbs: list, o) -> tuple[Learner, dict]:
+    "Train for `o.max_steps` steps; the Learner and the final validation metrics."
+    with Learner(model, train_dl, loss_fn, opt, valid_dl=valid_dl, policy=policy, cbs=cbs, valid_every=o.eval_interval) as learn:
+        learn.fit(max_steps=o.max_steps)
+        # the fit's own last validation (same autocast) when it ran at this step, else one more
+        final = learn.metrics if learn.metrics and learn.metrics_step == learn.step else learn.validate()
+    return learn, final
+
+# %% ../nbs/11_train.ipynb #8a016d36
+def _run_info(model, config: Config, recipe: Recipe) -> dict:
+    "What `run.json` says about every run: the model's shape, the config and the recipe, the tokenizer."
+    return {"model_config": asdict(unwrap_model(model).cfg), "config": asdict(config), "recipe": asdict(recipe),
+            "tokenizer": "hf" if recipe.model.pretrained else "byte"}
+
+def _save_plots(out: Path, history, weights, tracker, main: bool) -> list[Path]:
+    "Loss per head and the weight histogram as PNG files, logged to the run."
+    if not main: return []
+    import matplotlib; import matplotlib.pyplot as plt
+    (out / PLOTS).mkdir(parents=True, exist_ok=True)
+    paths = []
+    figs = [("loss_per_head.png", plot_head_losses(history) if history else None),
+            ("weights.png", plot_weight_histogram(weights[0], mask=weights[1]) if weights is not None else None)]
+    for name, fig in figs:
+        if fig is None: continue
+        fig.savefig(out / PLOTS / name, dpi=80); paths.append(out / PLOTS / name)
+        tracker.log_figure(fig, name); plt.close(fig)
+    return paths
+
+# %% ../nbs/11_train.ipynb #877e9865
+def _outputs(out: Path, t0: float, config: Config, recipe: Recipe, model, learn, final: dict, tracker, manager,
+             history, loss_fn, ctx) -> dict:
+    "Log the final metrics, write the weights, run.json and the plots; the run's summary."
+    per_head = [final[f"val_ce_h{k}"] for k in range(recipe.model.n_future)]
+    tracker.log_metrics({f"final/val_loss_h{k}": v for k, v in enumerate(per_head)} | {"final/val_loss": final["val_loss"]}, learn.step)
+    save_run_model(out, model)
+    if recipe.model.pretrained and ctx.is_main:  # RUN_DIR/hf: plain transformers loads head 0, wmtp.hf every head
+        if (out / HF_DIR).exists(): shutil.rmtree(out / HF_DIR)  # a resumed run replaces the export of an earlier finish
+        export_run(out)
+    info = {**_run_info(model, config, recipe), "final_val_loss_per_head": per_head, "final_val_loss": final["val_loss"],
+            "steps": learn.step, "run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri if tracker.enabled else None,
+            "wall_time_s": round(time.time() - t0, 2), "world_size": ctx.world_size}
+    plots = _save_plots(out, history.history, loss_fn.last_weights, tracker, ctx.is_main)
+    if ctx.is_main: tracker.log_artifact(write_run_info(out, info))
+    tracker.end("FINISHED")
+    return info | dict(out=str(out), plots=[str(p) for p in plots], checkpoint=str(manager.latest()))
 
 def _summary(info: dict, out: Path) -> str:
     heads = " | ".join(f"head {k} {v:.4f}" for k, v in enumerate(info["final_val_loss_per_head"]))
@@ -421,6 +349,46 @@ def _summary(info: dict, out: Path) -> str:
     if info["plots"]: lines.append(f"  plots           {', '.join(info['plots'])}")
     lines.append(f"  validation loss per head: {heads}  (all heads {info['final_val_loss']:.4f})")
     return "\n".join(lines)
+
+# %% ../nbs/11_train.ipynb #14037ebc
+def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) -> dict:
+    "Run the recipe under the config; return a summary (paths, final validation loss per head, wall time)."
+    t0, out = time.time(), Path(config.paths.out).expanduser().resolve()
+    policy, ctx = _start(config, recipe)
+    say = log if ctx.is_main else (lambda *a, **k: None)
+    tracker = None
+    try:
+        _preflight(recipe); _check_out(out, resume)
+        out.mkdir(parents=True, exist_ok=True)
+        seed_everything(config.seed)
+        tok = build_tokenizer(recipe)
+        train_ds, valid_ds = build_datasets(recipe, tok, config.seed)
+        _planned_ok(recipe, train_ds, valid_ds, ctx.world_size)
+        model = build_model(recipe, tok)
+        if ctx.is_main: write_run_info(out, _run_info(model, config, recipe))  # the shape first: checkpoints of an unfinished run load
+        weighter = build_weighter(recipe, model).to(policy.device)
+        model, opt = _place(model, weighter, recipe, policy, ctx)
+        train_dl, valid_dl = _loaders(train_ds, valid_ds, recipe, policy, ctx.world_size)
+        ck, tr = config.checkpoints, config.tracking
+        manager = CheckpointManager(out / CHECKPOINTS, keep_last=ck.keep_last, keep_best=ck.keep_best, best_metric="val_loss")
+        resuming = resume and manager.latest() is not None
+        tracker = Tracker(out, tracking_uri=tr.uri, experiment=tr.experiment, run_name=tr.run_name, enabled=tr.enabled and ctx.is_main)
+        _critic_stage1(recipe, weighter, model, train_dl, policy, resuming, log=say)
+        loss_fn = MTPLossFn(weighter, recipe, path=policy.loss_path)  # decided by `_policy`
+        history = HeadHistory(tr.log_every)
+        cbs = _callbacks(config, recipe, opt, manager, tracker, weighter, history, ctx, resume)
+        say(f"wmtp train: {recipe.algorithm} on {recipe.data.corpus} ({len(train_ds)} training rows), "
+            f"{model.num_params() if hasattr(model, 'num_params') else sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"{policy.device} {policy.precision}, {ctx.world_size} process(es), {recipe.optim.max_steps} steps -> {out}")
+        learn, final = _fit(model, train_dl, valid_dl, loss_fn, opt, policy, cbs, recipe.optim)
+        info = _outputs(out, t0, config, recipe, model, learn, final, tracker, manager, history, loss_fn, ctx)
+        say(_summary(info, out))
+        return info
+    except BaseException as e:  # the MLflow run says how the run ended
+        if tracker is not None: tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        wdist.shutdown_distributed(ctx)
 
 # %% ../nbs/11_train.ipynb #78cf8c51
 def _parser() -> argparse.ArgumentParser:

@@ -4,7 +4,6 @@
 
 # %% ../nbs/08_weights.ipynb #ad81d516
 from __future__ import annotations
-import importlib, importlib.util, inspect
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -19,8 +18,8 @@ from .model import MTPConfig, MTPOutput, MTPTransformer
 from .run import load_run
 
 # %% auto #0
-__all__ = ['WEIGHTERS', 'scale_weights', 'spread_to_heads', 'masked_stats', 'Weighting', 'Weighter', 'mtp_model',
-           'UniformWeighter', 'load_reference', 'Rho1Weighter', 'register_weighter', 'make_weighter']
+__all__ = ['scale_weights', 'spread_to_heads', 'masked_stats', 'Weighting', 'Weighter', 'mtp_model', 'UniformWeighter',
+           'load_reference', 'Rho1Weighter']
 
 # %% ../nbs/08_weights.ipynb #0a2996a3
 def scale_weights(w: Tensor, counting: Tensor) -> Tensor:
@@ -199,30 +198,3 @@ def _raw(self: Rho1Weighter, batch, out, targets, valid):
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device)[:, None].expand_as(order))
     keep = ((rank < (self.keep_ratio * n).round().clamp_min(1)) & va).view_as(valid)
     return keep.float(), keep
-
-# %% ../nbs/08_weights.ipynb #661c31dd
-WEIGHTERS: dict[str, tuple[type, dict]] = {}  # name -> (class, fixed keyword arguments)
-
-def register_weighter(name: str, cls: type, **fixed):
-    "Make `cls` (a `Weighter` subclass) available to `make_weighter` as `name`."
-    WEIGHTERS[name] = (cls, fixed)
-
-register_weighter("uniform", UniformWeighter)
-register_weighter("baseline", UniformWeighter)
-register_weighter("rho1-weighted", Rho1Weighter, mode="weighted")
-register_weighter("rho1-tokenskip", Rho1Weighter, mode="tokenskip")
-
-def _params(cls) -> set[str]: return set(inspect.signature(cls.__init__).parameters) - {"self"}
-
-def make_weighter(name: str, **kwargs) -> Weighter:
-    "The weighter of algorithm `name` (baseline|uniform, critic, rho1-weighted, rho1-tokenskip)."
-    # the critic is defined in a later module; importing it registers it (a module never imports a later one at import time)
-    if importlib.util.find_spec("wmtp.critic") is not None: importlib.import_module("wmtp.critic")
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in WEIGHTERS:
-        raise ValueError(f"unknown weighter {name!r}{did_you_mean(key, WEIGHTERS)}; known: {sorted(WEIGHTERS)}")
-    cls, fixed = WEIGHTERS[key]
-    known = set().union(*(_params(c) for c, _ in WEIGHTERS.values()))
-    for k in kwargs:
-        if k not in known: raise TypeError(f"make_weighter: unknown argument {k!r}{did_you_mean(k, known)}")
-    return cls(**{**{k: v for k, v in kwargs.items() if k in _params(cls)}, **fixed})
