@@ -68,6 +68,16 @@ def test_pretrained_run_exports_a_folder_transformers_loads(baseline):
     assert res.returncode == 2 and "exists and is not an empty folder" in res.stderr
 
 
+def test_fsdp2_shards_every_decoder_layer_and_every_head_layer(models):
+    "`wmtp.distributed.shard_model` wraps each block it finds: the model's decoder layers and each extra head's layers."
+    from wmtp.distributed import _blocks
+    from wmtp.hf import from_pretrained
+    m = from_pretrained(models["llama"], n_future=4, n_head_layers=2)
+    blocks = _blocks(m)
+    assert len(blocks) == 2 + 3 * 2 and all(type(b).__name__ == "LlamaDecoderLayer" for b in blocks)
+    assert {id(b) for b in blocks} == {id(l) for l in m.lm.model.layers} | {id(l) for h in m.heads for l in h}
+
+
 def test_eval_on_a_pretrained_run(baseline):
     res = _wmtp("eval", baseline, "--tasks", "builtin", "--max-problems", "1", "--max-new-tokens", "8", "--valid-batches", "1",
                 "--repeats", "1", "--no-track")
@@ -75,10 +85,11 @@ def test_eval_on_a_pretrained_run(baseline):
 
 
 @pytest.mark.parametrize("recipe,extra", [("critic", ["data.n_tasks=24"]), ("rho1_weighted", ["reference=MODEL"]),
-                                          ("rho1_tokenskip", ["reference=RUN"]), ("baseline", ["model.train=heads"])])
+                                          ("rho1_tokenskip", ["reference=RUN"]), ("baseline", ["model.train=heads", "model.tokenizer=TOKENIZER"])])
 def test_every_algorithm_on_a_pretrained_model(models, baseline, tmp_path, recipe, extra):
     "critic (value head on the trunk), rho1 with a HF model or a wmtp run as reference, and heads-only training."
-    extra = [e.replace("MODEL", str(models["gpt2"])).replace("RUN", str(baseline)) for e in extra]  # a GPT-2 as a Llama's reference: same vocabulary
+    # a GPT-2 as a Llama's reference, and a tokenizer named apart from the model: the same vocabulary
+    extra = [e.replace("MODEL", str(models["gpt2"])).replace("RUN", str(baseline)).replace("TOKENIZER", str(models["gpt2"])) for e in extra]
     out = tmp_path / "run"
     res = _wmtp("train", "--recipe", recipe, "--out", out, f"model.pretrained={models['gpt2'] if recipe == 'critic' else models['llama']}",
                 *COMMON, *extra)

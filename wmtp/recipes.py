@@ -87,6 +87,7 @@ class ModelRecipe:
     tie_embeddings: bool = True
     pretrained: Optional[str] = None  # a Hugging Face causal LM (folder or Hub id) to put the heads on (wmtp.hf); the shape above is then its own
     train: str = "all"                # with `pretrained`: all, or heads (only the extra heads learn; the pretrained model stays frozen)
+    tokenizer: Optional[str] = None   # with `pretrained`: another tokenizer (folder or Hub id) than the model's own
 
 @dataclass
 class DataRecipe:

@@ -85,7 +85,8 @@ def run_tokenizer(info: dict, run_dir=None):
     "The tokenizer a run trained with: the pretrained model's (`wmtp.hf.HFTokenizer`) or the byte tokenizer."
     if not hf_source(info): return ByteTokenizer()
     from wmtp.hf import load_tokenizer
-    return load_tokenizer(_hf_base(Path(run_dir), info) if run_dir is not None else hf_source(info))
+    named = info["recipe"]["model"].get("tokenizer")  # a tokenizer named apart from the model (the export holds it too)
+    return load_tokenizer(_hf_base(Path(run_dir), info) if run_dir is not None and (Path(run_dir) / HF_DIR).is_dir() else named or hf_source(info))
 
 # %% ../nbs/05a_run.ipynb #fcc246d5
 class LoadedRun(NamedTuple):

@@ -78,7 +78,7 @@ def build_tokenizer(recipe: Recipe):
     "The byte tokenizer, or the pretrained model's own (`model.pretrained`)."
     if not recipe.model.pretrained: return ByteTokenizer()
     from wmtp.hf import load_tokenizer
-    return load_tokenizer(recipe.model.pretrained)
+    return load_tokenizer(recipe.model.tokenizer or recipe.model.pretrained)
 
 def _pretrained_model(recipe: Recipe, tokenizer):
     "MTP heads on the recipe's pretrained model (`wmtp.hf`); `model.train=heads` freezes the pretrained model."
@@ -98,7 +98,7 @@ def build_model(recipe: Recipe, tokenizer) -> MTPTransformer:
     if m.pretrained: return _pretrained_model(recipe, tokenizer)
     if recipe.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
-    return MTPTransformer(MTPConfig(vocab_size=tokenizer.vocab_size, **{k: v for k, v in asdict(m).items() if k not in ("pretrained", "train")}))
+    return MTPTransformer(MTPConfig(vocab_size=tokenizer.vocab_size, **{k: v for k, v in asdict(m).items() if k not in ("pretrained", "train", "tokenizer")}))
 
 def _hf_reference(ref: str) -> bool:
     "Whether a rho1 reference names a Hugging Face model (a folder with config.json and no run.json, or a Hub id)."
