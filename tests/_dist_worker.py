@@ -5,6 +5,7 @@ Modes:
   train   train a tiny MTPTransformer with the weighted MTP loss in the real Learner, checkpointing;
           then a second short run with a replicated value head in the same optimizer (critic-like).
   die     train with checkpoints every 2 steps; rank 1 kills itself (SIGKILL) or hangs at step 3.
+  layouts 3 plain steps of each head layout other than the default (sequential, mlp), sharded like the rest.
 Rank 0 writes OUT_DIR/result.json (and full state dicts as .pt files) for the test to compare.
 """
 import argparse, json, os, signal, sys, time
@@ -138,9 +139,29 @@ def die(ctx, args):
     print("finished without error", flush=True)
 
 
+def layouts(ctx, args, steps=3):
+    "Each non-default head layout sharded by shard_model: per-step global losses and clipped norms, and the final weights."
+    ids, res = torch.stack([d["input_ids"] for d in dataset()]), {}
+    for heads in ("sequential", "mlp"):
+        torch.manual_seed(0)
+        model = shard_model(MTPTransformer(MTPConfig(**CFG, heads=heads)), ctx)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+        losses, norms = [], []
+        for s in range(steps):
+            batch = ids[GLOBAL_BATCH * s: GLOBAL_BATCH * (s + 1)][ctx.rank::ctx.world_size]
+            loss, _, _ = loss_fn(model, {"input_ids": batch, "labels": batch})
+            loss.backward()
+            norms.append(float(clip_grad_norm(list(model.parameters()), 0.3)))
+            opt.step(); opt.zero_grad()
+            losses.append(all_reduce_mean(loss, ctx).item())
+        sd = full_state(model, opt)["model"]
+        res[heads] = {"losses": losses, "norms": norms, "fsdp": type(model).__name__, "params": {k: v.flatten().tolist() for k, v in sd.items()}}
+    if ctx.is_main: (Path(args.out) / "result.json").write_text(json.dumps(res))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train", "die"])
+    p.add_argument("mode", choices=["train", "die", "layouts"])
     p.add_argument("out")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--steps", type=int, default=6)
@@ -152,4 +173,4 @@ if __name__ == "__main__":
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     ctx = init_distributed("cpu", timeout_s=args.timeout)
-    with ctx: {"train": train, "die": die}[args.mode](ctx, args)
+    with ctx: {"train": train, "die": die, "layouts": layouts}[args.mode](ctx, args)

@@ -43,9 +43,12 @@ def test_json_has_every_row_with_sane_ratios(quick):
     assert all(_finite_positive(h["ratio"]) for h in res["heads"]) and res["heads"][0]["trunk_layers"] == 2
     assert [w["weighter"] for w in res["weighters"] if w["device"] == "cpu"] == ["baseline", "critic-s1", "critic-s2", "rho1-weighted", "rho1-tokenskip"]
     assert all(_finite_positive(w["x_baseline"]) for w in res["weighters"])
-    dec = res["decoding"][0]
-    assert dec["identical"] is True and 1.0 <= dec["tokens_per_forward"] <= 4.0
-    assert _finite_positive(dec["greedy_tok_s"]) and _finite_positive(dec["speculative_tok_s"]) and _finite_positive(dec["speedup"])
+    assert [(h["heads"], h["trunk_layers"]) for h in res["heads"]] == [("parallel", 2), ("sequential", 2), ("mlp", 2)]
+    assert all(_finite_positive(h["bound"]) and h["bound"] > 1 and math.isfinite(h["gap"]) for h in res["heads"])
+    assert [d["heads"] for d in res["decoding"]] == ["parallel", "sequential", "mlp"]
+    for dec in res["decoding"]:
+        assert dec["identical"] is True and 1.0 <= dec["tokens_per_forward"] <= 4.0
+        assert _finite_positive(dec["greedy_tok_s"]) and _finite_positive(dec["speculative_tok_s"]) and _finite_positive(dec["speedup"])
 
 
 def test_targets_each_have_a_verdict(quick):
@@ -53,8 +56,10 @@ def test_targets_each_have_a_verdict(quick):
     res = json.loads((out / "bench.json").read_text())
     names = [t["target"] for t in res["targets"]]
     for expected in ("fused vs flatten extra peak memory (cpu fp32, V=32768)", "fused vs flatten time (cpu fp32, V=131072)",
-                     "mps vs cpu training step", "torch.compile training step (cpu)", "H=4 vs H=1 training step (cpu, 2-block trunk)",
-                     "self-speculative vs greedy tokens/s (cpu)",
+                     "mps vs cpu training step", "torch.compile training step (cpu)",
+                     *(f"H=4 vs H=1 training step (cpu, {h} heads, 2-block trunk)" for h in ("parallel", "sequential", "mlp")),
+                     *(f"self-speculative vs greedy tokens/s (cpu, {h} heads)" for h in ("parallel", "sequential", "mlp")),
+                     "self-speculative vs greedy tokens/s, best layout (cpu)",
                      "pretrained H=4 fused vs transformers' H=1 extra peak memory (cpu, V=4096, S=64)"):
         assert expected in names
     by = {t["target"]: t for t in res["targets"]}

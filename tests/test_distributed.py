@@ -86,6 +86,20 @@ def test_replicated_value_head(runs):
     for x, y in zip(two["vh"], one["vh"]): torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-4, atol=1e-5)
 
 
+def test_head_layouts_two_processes_equal_one(tmp_path):
+    "Sequential modules and MLP heads shard like parallel blocks: 2 processes give the 1-process losses, norms and weights."
+    _run(1, "layouts", tmp_path / "one", "--ckpt", "-"); _run(2, "layouts", tmp_path / "two", "--ckpt", "-")
+    one, two = _result(tmp_path / "one"), _result(tmp_path / "two")
+    for heads in ("sequential", "mlp"):
+        assert (one[heads]["fsdp"], two[heads]["fsdp"]) == ("MTPTransformer", "FSDPMTPTransformer")
+        torch.testing.assert_close(torch.tensor(two[heads]["losses"]), torch.tensor(one[heads]["losses"]), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(torch.tensor(two[heads]["norms"]), torch.tensor(one[heads]["norms"]), rtol=RTOL, atol=ATOL)
+        assert one[heads]["losses"][-1] < one[heads]["losses"][0]
+        assert any(k.startswith("heads.") for k in one[heads]["params"])
+        for k, v in one[heads]["params"].items():
+            torch.testing.assert_close(torch.tensor(two[heads]["params"][k]), torch.tensor(v), rtol=1e-4, atol=1e-5, msg=lambda m: f"{heads} {k}: {m}")
+
+
 @pytest.mark.parametrize("saved,resumed", [("two", "two_to_one"), ("one", "one_to_two")])
 def test_resharding(runs, saved, resumed):
     "Save with N processes, resume with M: weights and optimizer state load exactly, and training continues as uninterrupted."
@@ -182,7 +196,7 @@ def reference(tmp_path_factory):
 
 # the critic's quick data (builtin tasks) with 40 tasks: with fewer, the last validation batch has 1 row,
 # which wmtp.distributed.RankSlice cannot split over 2 ranks
-_CRITIC = ["data.n_tasks=40"]
+_CRITIC = ["data.n_tasks=40", "data.seq_len=128", "model.max_seq_len=128"]  # at --quick's 64 tokens most task records do not fit
 
 
 @pytest.mark.slow

@@ -15,10 +15,12 @@ from fastcore.basics import patch
 
 from .learner import Callback, Learner
 from .model import MTPOutput
-from .weights import Weighter, masked_stats, mtp_model, spread_to_heads
+from .data import record_family
+from .weights import Weighter, bounded_weights, masked_stats, mtp_model, spread_to_heads
 
 # %% auto #0
-__all__ = ['ValueHead', 'gae', 'CriticWeighter', 'fit_value_head', 'roc_auc']
+__all__ = ['ValueHead', 'gae', 'CriticWeighter', 'fit_value_head', 'roc_auc', 'template_prior', 'template_prior_auc',
+           'advantage_correlation']
 
 # %% ../nbs/08a_critic.ipynb #121ec663
 class ValueHead(nn.Module):
@@ -58,14 +60,15 @@ def gae(values: Tensor, reward: Tensor, labels: Tensor, gamma: float = 1.0, lam:
 
 # %% ../nbs/08a_critic.ipynb #234c56ed
 class CriticWeighter(Weighter):
-    "Token weights from a value head fitted to verifiable rewards: clamp(exp(whitened GAE advantage / beta))."
+    "Token weights from a value head fitted to verifiable rewards: clamp(c * exp(whitened GAE advantage / beta)), mean 1."
     name = "critic"
+    prescaled = True  # `_raw` returns bounded mean-1 weights
     def __init__(self, d_model: int | None = None, hidden: int = 64, stage: int = 1, gamma: float = 1.0, lam: float = 0.95,
                  beta: float = 1.0, w_min: float = 0.1, w_max: float = 3.0, target: str = "mc", momentum: float = 0.99,
                  detach_input: bool = True, value_coef: float = 1.0, fit_in_stage2: bool = False, ignore_index: int = -100):
         super().__init__(ignore_index)
         if target not in ("mc", "lambda"): raise ValueError(f"target must be 'mc' or 'lambda', got {target!r}")
-        if not 0 < w_min <= w_max: raise ValueError(f"need 0 < w_min <= w_max, got w_min={w_min!r}, w_max={w_max!r}")
+        if not 0 <= w_min <= 1 <= w_max: raise ValueError(f"need 0 <= w_min <= 1 <= w_max (weights average 1), got w_min={w_min!r}, w_max={w_max!r}")
         if not beta > 0: raise ValueError(f"beta must be > 0, got {beta!r}")
         if not (0 <= gamma <= 1 and 0 <= lam <= 1 and 0 <= momentum < 1):
             raise ValueError(f"gamma, lam must be in [0, 1] and momentum in [0, 1), got {gamma!r}, {lam!r}, {momentum!r}")
@@ -169,9 +172,9 @@ def _raw(self: CriticWeighter, batch, out, targets, valid):
     tok = _episode(labels, self.ignore_index)[0]
     _, adv = gae(self._head()(out.trunk), _reward(batch), labels, self.gamma, self.lam, self.ignore_index)
     z = self._whiten(adv, tok)
-    w_tok = torch.where(tok, (z / self.beta).exp().clamp(self.w_min, self.w_max), 0.0)
+    logw = spread_to_heads(torch.where(tok, z / self.beta, 0.0), targets.shape[-1], 1)  # row (t, k): token t+1+k's
     self._last.update(advantage=masked_stats(adv, tok), whitened=masked_stats(z, tok))
-    return spread_to_heads(w_tok, targets.shape[-1], 1), None  # row (t, k) takes the weight of token t+1+k
+    return bounded_weights(logw, valid, self.w_min, self.w_max), None  # scale, then clamp: in the bounds and mean 1
 
 # %% ../nbs/08a_critic.ipynb #3cc7934c
 class _ValueLoss:
@@ -200,8 +203,8 @@ def fit_value_head(weighter: CriticWeighter, model: nn.Module, train_dl, steps: 
 # %% ../nbs/08a_critic.ipynb #9b67b955
 def roc_auc(scores, labels) -> float:
     "Area under the ROC curve of `scores` for binary `labels`, from ranks (ties count half)."
-    s = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().flatten()
-    y = torch.as_tensor(labels).detach().cpu().flatten().bool()
+    s = torch.as_tensor(scores.detach().cpu() if isinstance(scores, Tensor) else scores, dtype=torch.float64).flatten()  # to the CPU first: MPS has no float64
+    y = torch.as_tensor(labels.detach().cpu() if isinstance(labels, Tensor) else labels).flatten().bool()
     if s.shape != y.shape: raise ValueError(f"scores ({s.numel()}) and labels ({y.numel()}) differ in length")
     n1, n0 = int(y.sum()), int((~y).sum())
     if n1 == 0 or n0 == 0: raise ValueError(f"roc_auc needs both classes, got {n1} positive and {n0} negative labels")
@@ -217,3 +220,34 @@ def sequence_values(self: CriticWeighter, batch: dict, out: MTPOutput) -> Tensor
     last = torch.where(st, torch.arange(st.shape[1], device=st.device), -1).amax(1)
     with torch.no_grad(): v = self._head()(out.trunk)
     return v[torch.arange(len(v), device=v.device), last]
+
+# %% ../nbs/08a_critic.ipynb #7c4f4031
+def template_prior(train_records, records) -> list[float]:
+    "Each record's score: the correct-rate of its template family (`wmtp.data.record_family`) in `train_records`."
+    if not train_records: raise ValueError("template_prior needs training records")
+    seen: dict[str, list[int]] = {}
+    for r in train_records: seen.setdefault(record_family(r), []).append(bool(r["is_correct"]))
+    base = sum(sum(v) for v in seen.values()) / len(train_records)
+    return [sum(v) / len(v) if (v := seen.get(record_family(r))) else base for r in records]
+
+def template_prior_auc(train_records, records) -> float:
+    "AUC on `records` of the template baseline: score = the family's correct-rate in training."
+    return roc_auc(template_prior(train_records, records), [bool(r["is_correct"]) for r in records])
+
+# %% ../nbs/08a_critic.ipynb #7040d74c
+def advantage_correlation(values: Tensor, reward: Tensor, labels: Tensor, gamma: float = 1.0, lam: float = 0.95,
+                          const: float | None = None, ignore_index: int = -100) -> Tensor:
+    "Pearson correlation over completion tokens of the GAE advantages of `values` and of a constant V (default: mean reward)."
+    tok = _episode(labels, ignore_index)[0]
+    c = reward.float().mean() if const is None else torch.as_tensor(const, dtype=torch.float32, device=values.device)
+    _, a = gae(values, reward, labels, gamma, lam, ignore_index)
+    _, a0 = gae(torch.zeros_like(values, dtype=torch.float32) + c, reward, labels, gamma, lam, ignore_index)
+    x, y = (masked_stats(t, tok) for t in (a, a0))
+    cov = torch.where(tok, (a - x["mean"]) * (a0 - y["mean"]), 0.0).sum() / tok.sum().clamp_min(1)
+    return cov / (x["std"] * y["std"]).clamp_min(1e-12)
+
+@patch
+def advantage_correlation(self: CriticWeighter, batch: dict, out: MTPOutput, const: float | None = None) -> Tensor:
+    "`advantage_correlation` of this critic's values on a batch (no grad): near 1 means it adds nothing to the reward."
+    with torch.no_grad(): v = self._head()(out.trunk)
+    return advantage_correlation(v, _reward(batch), batch["labels"], self.gamma, self.lam, const, self.ignore_index)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_data.ipynb #b746177f
 from __future__ import annotations
-import gzip, hashlib, json, os, sysconfig
+import gzip, hashlib, json, os, re, sysconfig
 from functools import partial
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'Tokenizer', 'ByteTokenizer', 'stdlib_paths', 'stdlib_documents', 'read_jsonl_records',
+__all__ = ['IGNORE_INDEX', 'OVERFLOW', 'Tokenizer', 'ByteTokenizer', 'stdlib_paths', 'stdlib_documents', 'read_jsonl_records',
            'humaneval_records', 'encode_record', 'collate', 'pack_documents', 'PackedDataset', 'RecordDataset',
-           'make_loader']
+           'make_loader', 'program_key', 'record_family', 'dedupe_records', 'split_records']
 
 # %% ../nbs/03_data.ipynb #54774738
 @runtime_checkable
@@ -135,22 +135,32 @@ def humaneval_records() -> list[dict]:
 
 # %% ../nbs/03_data.ipynb #fbcdc335
 IGNORE_INDEX = -100
+OVERFLOW = ("trim", "drop")
 
-def encode_record(record: dict, tokenizer: Tokenizer, max_len: int) -> dict[str, torch.Tensor]:
-    "1-D `input_ids`, `labels` (prompt = -100), `attention_mask` (+ `reward`) of one {prompt, completion} record."
+def _fit(prompt: list[int], comp: list[int], max_len: int, overflow: str) -> tuple[list[int] | None, str]:
+    "The completion that fits after the whole prompt, and what happened: 'whole', 'trimmed' or 'dropped' (None)."
+    if len(prompt) + len(comp) <= max_len: return comp, "whole"
+    if overflow == "drop" or len(prompt) >= max_len: return None, "dropped"
+    return comp[:max_len - len(prompt)], "trimmed"
+
+def _encode(record: dict, tokenizer: Tokenizer, max_len: int, overflow: str = "trim") -> tuple[dict | None, str]:
     for k in ("prompt", "completion"):
         if k not in record: raise KeyError(f"record has no {k!r} field (keys: {sorted(record)})")
     if max_len < 2: raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if overflow not in OVERFLOW: raise ValueError(f"overflow must be 'trim' or 'drop', got {overflow!r}")
     prompt = tokenizer.encode(record["prompt"], add_bos=True)
-    comp = tokenizer.encode(record["completion"], add_eos=True)
-    comp = comp[:max_len - 1]  # keep at least one prompt token (bos): labels[0] is never a target anyway
-    prompt = prompt[len(prompt) - (max_len - len(comp)):] if len(prompt) + len(comp) > max_len else prompt
+    comp, status = _fit(prompt, tokenizer.encode(record["completion"], add_eos=True), max_len, overflow)
+    if comp is None: return None, status
     ids = torch.tensor(prompt + comp, dtype=torch.long)
     labels = ids.clone()
     labels[:len(prompt)] = IGNORE_INDEX
     out = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones(len(ids), dtype=torch.bool)}
     if record.get("is_correct") is not None: out["reward"] = torch.tensor(float(bool(record["is_correct"])))
-    return out
+    return out, status
+
+def encode_record(record: dict, tokenizer: Tokenizer, max_len: int, overflow: str = "trim") -> dict[str, torch.Tensor] | None:
+    "1-D `input_ids`, `labels` (prompt = -100), `attention_mask` (+ `reward`) of one record; None when it is dropped."
+    return _encode(record, tokenizer, max_len, overflow)[0]
 
 # %% ../nbs/03_data.ipynb #77867f12
 def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -191,9 +201,13 @@ class PackedDataset(Dataset):
         return {"input_ids": row, "labels": row.clone(), "attention_mask": torch.ones_like(row, dtype=torch.bool)}
 
 class RecordDataset(Dataset):
-    "{prompt, completion[, is_correct]} records encoded with `encode_record`."
-    def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, max_len: int):
-        self.items = [encode_record(r, tokenizer, max_len) for r in records]
+    "{prompt, completion[, is_correct]} records encoded with `encode_record`; `counts` says how many were whole, trimmed, dropped."
+    def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, max_len: int, overflow: str = "trim"):
+        self.items, self.counts = [], {"whole": 0, "trimmed": 0, "dropped": 0}
+        for r in records:
+            item, status = _encode(r, tokenizer, max_len, overflow)
+            self.counts[status] += 1
+            if item is not None: self.items.append(item)
         self.pad_id = tokenizer.pad_id
     def __len__(self): return len(self.items)
     def __getitem__(self, i): return self.items[i]
@@ -207,3 +221,42 @@ def make_loader(dataset: Dataset, batch_size: int, policy=None, shuffle: bool = 
     kw["shuffle"] = kw.get("shuffle", shuffle)
     return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last,
                       collate_fn=partial(collate, pad_id=getattr(dataset, "pad_id", 0)), **kw)
+
+# %% ../nbs/03_data.ipynb #5d247772
+_DEF = re.compile(r"\bdef\s+([A-Za-z_]\w*?)_(\d+)\s*\(")
+
+def program_key(record: dict) -> tuple[str, str]:
+    "(prompt, completion) with numeric suffixes of the functions they define removed: equal keys, same program."
+    p, c = record["prompt"], record["completion"]
+    for stem, idx in set(_DEF.findall(p + c)):
+        name = re.compile(rf"\b{re.escape(stem)}_{idx}\b")
+        p, c = name.sub(stem, p), name.sub(stem, c)
+    return p, c
+
+def record_family(record: dict) -> str:
+    "The template a record comes from: its `family` field, else its first defined function's name without an index."
+    if record.get("family"): return str(record["family"])
+    m = _DEF.search(record["prompt"]) or re.search(r"\bdef\s+([A-Za-z_]\w*)\s*\(", record["prompt"])
+    return m.group(1) if m else program_key(record)[0]
+
+# %% ../nbs/03_data.ipynb #947bb12e
+def dedupe_records(records: Sequence[dict]) -> list[dict]:
+    "The records with duplicate programs (`program_key`) removed, the first of each kept, in order."
+    seen, out = set(), []
+    for r in records:
+        k = program_key(r)
+        if k not in seen: seen.add(k); out.append(r)
+    return out
+
+def split_records(records: Sequence[dict], valid_frac: float = 0.1, by: str = "program", seed: int = 0) -> tuple[list[dict], list[dict]]:
+    "Deduplicated (train, valid) records with no program, task (`by='program'`) or family (`by='family'`) in both."
+    if by not in ("program", "family"): raise ValueError(f"by must be 'program' or 'family', got {by!r}")
+    if not 0 < valid_frac < 1: raise ValueError(f"valid_frac must be in (0, 1), got {valid_frac!r}")
+    recs = dedupe_records(records)
+    if by == "program": held = {k for k in {program_key(r)[0] for r in recs} if _frac(f"{seed}:task:{k}") < valid_frac}
+    else:
+        fams = sorted({record_family(r) for r in recs}, key=lambda f: _frac(f"{seed}:family:{f}"))
+        if len(fams) < 2: raise ValueError(f"by='family' needs at least 2 families, got {fams}")
+        held = set(fams[:min(len(fams) - 1, max(1, round(valid_frac * len(fams))))])
+    key = (lambda r: program_key(r)[0]) if by == "program" else record_family
+    return [r for r in recs if key(r) not in held], [r for r in recs if key(r) in held]

@@ -21,10 +21,22 @@ from .learner import Callback
 from .callbacks import GradClip
 
 # %% auto #0
-__all__ = ['DistContext', 'init_distributed', 'shutdown_distributed', 'rank0_print', 'barrier', 'all_reduce_mean', 'RankFailure',
-           'collective_errors', 'mixed_precision', 'shard_model', 'replicate_module', 'place_weighter', 'grad_norm',
-           'clip_grad_norm', 'DistGradClip', 'distributed_sampler', 'set_sampler_epoch', 'DistributedSamplerCallback',
-           'reshard', 'DistributedValidation', 'RankSlice']
+__all__ = ['DistGradScaler', 'DistContext', 'init_distributed', 'shutdown_distributed', 'rank0_print', 'barrier',
+           'all_reduce_mean', 'RankFailure', 'collective_errors', 'mixed_precision', 'shard_model', 'replicate_module',
+           'place_weighter', 'grad_norm', 'clip_grad_norm', 'DistGradClip', 'distributed_sampler', 'set_sampler_epoch',
+           'DistributedSamplerCallback', 'reshard', 'DistributedValidation', 'RankSlice']
+
+# %% ../nbs/10_distributed.ipynb #d9de860e
+class DistGradScaler(torch.amp.GradScaler):
+    "`GradScaler` whose inf/NaN check is shared by all ranks: every rank skips the same steps and keeps the same scale."
+    def unscale_(self, optimizer):
+        super().unscale_(optimizer)
+        if not (self._enabled and core.world_size() > 1): return
+        found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        flag = torch.zeros((), dtype=torch.float32, device=self._scale.device)
+        for f in found.values(): flag = torch.maximum(flag, f.to(flag.device))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # on the device: no host sync here
+        for f in found.values(): f.copy_(flag)  # step() and update() read these
 
 # %% ../nbs/10_distributed.ipynb #e9ce1e9b
 @dataclass
@@ -60,6 +72,20 @@ def _check(world: int, rank: int, backend: str, timeout_s) -> None:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={world} from the environment do not fit (need 0 <= RANK < WORLD_SIZE)")
 
+def _rank_device(dev: torch.device, local: int, n_cuda: int) -> torch.device:
+    "This rank's device: on CUDA the GPU of its LOCAL_RANK, whatever index was asked for."
+    if dev.type != "cuda": return dev
+    if local >= n_cuda: raise ValueError(f"LOCAL_RANK={local} but only {n_cuda} CUDA devices are visible")
+    return torch.device("cuda", local)
+
+def _adopt(policy, dev: torch.device) -> None:
+    "Make a `DevicePolicy` agree with this rank: its device becomes the rank's, its GradScaler one whose skips all ranks share."
+    if not hasattr(policy, "scaler_cls"): return  # a device or its name: nothing to update
+    if policy.device != dev:
+        policy._say(f"device {policy.device} -> {dev}: under torchrun each rank uses the GPU of its LOCAL_RANK")
+        policy.device = dev
+    policy.scaler_cls = DistGradScaler
+
 def init_distributed(policy_or_device=None,  # a `DevicePolicy`, a device or its name (None: cpu)
                      backend: str = "auto",    # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
                      timeout_s: float = 120.0  # a collective that waits longer than this fails (a peer died or hung)
@@ -72,9 +98,9 @@ def init_distributed(policy_or_device=None,  # a `DevicePolicy`, a device or its
     for k in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(k): raise ValueError(f"WORLD_SIZE={world} but {k} is not set: start the job with torchrun")
     if dev.type == "mps": raise ValueError("several processes on MPS are not supported (torch.distributed has no MPS backend): run one process")
+    dev = _rank_device(dev, local, torch.cuda.device_count() if dev.type == "cuda" else 0)
+    _adopt(policy_or_device, dev)
     if dev.type == "cuda":
-        if local >= torch.cuda.device_count(): raise ValueError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA devices are visible")
-        dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
         # a failed or timed-out NCCL collective aborts the communicator and ends the process instead of hanging
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")

@@ -38,6 +38,10 @@ def _check_batch(batch, i: int) -> Tensor:
     return batch.get("labels", batch["input_ids"])
 
 # %% ../nbs/12_evaluate.ipynb #2a974e4e
+def _head_sums(ce: Tensor) -> Tensor:
+    "Per-head sums of a [B,S,H] CE, in fp64 on the CPU (copied first: MPS has no float64)."
+    return ce.sum((0, 1)).cpu().double()
+
 @torch.no_grad()
 def per_head_metrics(model, # an MTPTransformer (its `unembedding` and `n_future` are used)
                      batches: Iterable[dict], # a DataLoader or a list of {input_ids, labels} batches
@@ -67,7 +71,7 @@ def per_head_metrics(model, # an MTPTransformer (its `unembedding` and `n_future
             for k in range(H):
                 m = valid[..., k]
                 correct[k] += int((_argmax_rows(hidden[:, :, k][m], W) == targets[..., k][m]).sum())
-            loss_sum += ce.sum((0, 1)).double().cpu()
+            loss_sum += _head_sums(ce)
             count += valid.sum((0, 1)).cpu()
             n += 1
     finally: model.train(was_training)
@@ -165,6 +169,11 @@ def _completion(tokenizer, new_ids: list[int], stop: Sequence[str]) -> str:
     text = tokenizer.decode(new_ids)
     return text[:min([i for s in stop if (i := text.find(s)) >= 0], default=len(text))]
 
+def _prompt_ids(tokenizer, prompt: str, room: int) -> list[int]:
+    "bos + prompt, as training encodes it; a prompt longer than `room` keeps its bos and its end (where the completion starts)."
+    ids = tokenizer.encode(prompt, add_bos=True)
+    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
+
 @torch.no_grad()
 def sample_completions(model, problems: Sequence[dict], tokenizer, n_samples: int = 1, temperature: float = 0.0,
                        max_new_tokens: int = 128, top_k: int | None = None, seed: int = 0,
@@ -177,8 +186,8 @@ def sample_completions(model, problems: Sequence[dict], tokenizer, n_samples: in
     gen = torch.Generator(device=dev).manual_seed(seed)
     out = []
     for p in problems:
-        ids = tokenizer.encode(p["prompt"])[-room:]
-        if not ids: raise ValueError(f"problem {p.get('task_id', '?')} has an empty prompt")
+        if not p["prompt"]: raise ValueError(f"problem {p.get('task_id', '?')} has an empty prompt")
+        ids = _prompt_ids(tokenizer, p["prompt"], room)
         x = torch.tensor([ids] * n_samples, device=dev)
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
         out.append([_completion(tokenizer, row[len(ids):].tolist(), stop) for row in y])
@@ -203,7 +212,7 @@ def _problems(tasks: str, n: int, seed: int) -> list[dict]:
     if tasks == "humaneval":
         from wmtp.data import humaneval_records
         return humaneval_records()[:n]
-    if tasks == "builtin": return builtin_tasks(n, seed=1000 + seed)  # not the seed of the training corpus
+    if tasks == "builtin": return builtin_tasks(n, seed=seed, split="heldout")  # programs training never draws
     raise ValueError(f"tasks must be 'humaneval' or 'builtin', got {tasks!r}")
 
 def _eval_policy(device, seed: int = 0):

@@ -4,14 +4,14 @@
 
 # %% ../nbs/01_loss.ipynb #b9e8dee1
 from __future__ import annotations
-import warnings
+import os, warnings
 from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['mtp_targets', 'MTPLoss', 'weighted_mtp_loss', 'mtp_cross_entropy']
+__all__ = ['sync_checks', 'mtp_targets', 'MTPLoss', 'weighted_mtp_loss', 'mtp_cross_entropy']
 
 # %% ../nbs/01_loss.ipynb #14d270ca
 def _is_int(x: Tensor) -> bool:
@@ -50,6 +50,12 @@ def _check(name: str, x, dims: str, sizes: tuple, kind: str):
         want = ",".join(d if s is None else str(s) for d, s in zip(dims.split(), sizes))
         raise ValueError(f"{name} must be {'an' if kind == 'int' else 'a'} {kind} tensor [{','.join(dims.split())}] = [{want}], got {_desc(x)}")
 
+sync_checks: bool | None = {"1": True, "0": False}.get(os.environ.get("WMTP_SYNC_CHECKS", ""))  # None: on the CPU only
+
+def _host_checks(x: Tensor) -> bool:
+    "Whether the loss may read values back to the host (value checks that raise, compacted rows): `sync_checks`, else only on the CPU."
+    return sync_checks if sync_checks is not None else x.device.type == "cpu"
+
 def _check_inputs(targets, logits, hidden, unembedding, ignore_index) -> int:
     "Check targets and the logits or hidden/unembedding inputs; return the vocabulary size V."
     if (logits is None) == (hidden is None):
@@ -68,10 +74,18 @@ def _check_inputs(targets, logits, hidden, unembedding, ignore_index) -> int:
         x, V = hidden, unembedding.shape[0]
     for name, t in (("targets", targets), ("unembedding", unembedding)):
         if t is not None and t.device != x.device: raise ValueError(f"{name} is on {t.device}, the inputs on {x.device}")
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if bad.any():
-        raise ValueError(f"targets must lie in [0, V={V}) or equal ignore_index={ignore_index}; found {targets[bad][0].item()}")
+    if _host_checks(x):  # elsewhere `_device_checks` makes the loss NaN instead, without a host sync
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+        if bad.any():
+            raise ValueError(f"targets must lie in [0, V={V}) or equal ignore_index={ignore_index}; found {targets[bad][0].item()}")
     return V
+
+def _device_checks(targets, weights, V: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    "Targets safe to index with, and a 0-dim flag that is True where a target or weight is bad, computed on the device."
+    bad_t = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    bad = bad_t.any()
+    if weights is not None: bad = bad | ~torch.isfinite(weights).all() | (weights < 0).any()
+    return torch.where(bad_t, ignore_index, targets), bad
 
 def _row_weights(targets, weights, selection_mask, ignore_index) -> Tensor:
     "w * m per row [B,S,H] in fp32: detached weights, zero where ignored or deselected."
@@ -82,8 +96,9 @@ def _row_weights(targets, weights, selection_mask, ignore_index) -> Tensor:
     if weights is None: return m.float()
     _check("weights", weights, "B S H", tuple(targets.shape), "float")
     w = weights.detach().to(device=m.device, dtype=torch.float32)
-    if not torch.isfinite(w).all(): raise ValueError("weights must be finite (found NaN or inf)")
-    if (w < 0).any(): raise ValueError("weights must be >= 0 (found a negative weight)")
+    if _host_checks(w):
+        if not torch.isfinite(w).all(): raise ValueError("weights must be finite (found NaN or inf)")
+        if (w < 0).any(): raise ValueError("weights must be >= 0 (found a negative weight)")
     return w * m
 
 # %% ../nbs/01_loss.ipynb #5026357d
@@ -116,14 +131,19 @@ def _ce_per_head(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
     return torch.stack(ces, -1).view(targets.shape)
 
 # %% ../nbs/01_loss.ipynb #33e29889
+def _mm_dtype(x: Tensor) -> torch.dtype:
+    "The dtype the loss's matmuls run in: autocast's for fp32 inputs where autocast is on, else the input's own."
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if x.dtype == torch.float32 and torch.is_autocast_enabled(dev) else x.dtype
+
 def _chunk_ce(h: Tensor, W: Tensor, t: Tensor) -> Tensor:
-    "CE of a chunk of rows: logits in the input dtype, log-sum-exp in fp32."
+    "CE of a chunk of rows: logits in the matmul dtype, log-sum-exp in fp32."
     z = h @ W.T
     z = z.to(_acc(z.dtype))
     return torch.logsumexp(z, -1) - z.gather(-1, t[:, None])[:, 0]
 
-def _chunk_ce_grad(h: Tensor, W: Tensor, t: Tensor, c: Tensor, gW: Tensor | None, need_h: bool):
-    "CE of a chunk of rows; adds the chunk's gradient of sum(c * ce) for W to `gW`, returns the one for `h`."
+def _chunk_ce_grad(h: Tensor, W: Tensor, t: Tensor, c: Tensor, gW: Tensor | None, need_h: bool, k: Tensor | None = None):
+    "CE of a chunk of rows; adds the chunk's gradient of sum(c * ce) for W, divided by `k`, to `gW`; returns the one for `h`."
     z = h @ W.T
     z = z.to(_acc(z.dtype))
     zt = z.gather(-1, t[:, None])[:, 0]
@@ -131,11 +151,15 @@ def _chunk_ce_grad(h: Tensor, W: Tensor, t: Tensor, c: Tensor, gW: Tensor | None
     e = z.sub_(top).exp_()  # in place: the chunk's logits become exp(z - max), no second [chunk, V] buffer
     total = e.sum(-1, keepdim=True)
     ce = (top + total.log())[:, 0] - zt
-    g = e.mul_(c[:, None] / total).scatter_add_(-1, t[:, None], -c[:, None]).to(h.dtype)  # c * (softmax - onehot)
-    if gW is not None:
-        if gW.dtype == g.dtype: gW.addmm_(g.T, h)  # accumulate in place: no [V, D] temporary per chunk
-        else: gW += g.T @ h  # bf16/fp16 chunks, fp32 accumulator
-    return ce, (g @ W if need_h else None)
+    d = e.div_(total).scatter_add_(-1, t[:, None], e.new_full((len(t), 1), -1.0))  # softmax - onehot, in [-1, 1]
+    if d.dtype == h.dtype:  # fp32/fp64 matmuls: exact, accumulated in place (no [V, D] temporary per chunk)
+        g = d.mul_(c[:, None])
+        if gW is not None: gW.addmm_(g.T, h)
+        return ce, (g @ W if need_h else None)
+    # bf16/fp16 matmuls: the coefficients c (about 1/rows) stay out of the low-precision operands, so nothing underflows
+    d = d.to(h.dtype)
+    if gW is not None: gW += d.T @ (h * (c / k)[:, None]).to(h.dtype)  # a [V, D] product in h.dtype, added to the fp32 sum
+    return ce, ((d @ W).to(c.dtype) * c[:, None] if need_h else None)
 
 # %% ../nbs/01_loss.ipynb #8aed6d91
 _compiler = None  # private hook: a function like torch.compile; None means torch.compile
@@ -161,19 +185,29 @@ def _maybe_compiled(fn, compile: bool):
     return run
 
 # %% ../nbs/01_loss.ipynb #b79d26bb
+def _gW_unit(h: Tensor, c: Tensor, chunk: int) -> Tensor:
+    "The unit k of the W-gradient sum in bf16/fp16: h*(c/k) is at most |h|, and a chunk's product stays far below fp16's 65504."
+    rows = min(chunk, h.shape[0])  # |d| <= 1, so one entry of d.T @ (h*c/k) is at most rows * max|h| * max(c)/k
+    k = c.amax() * (rows * torch.linalg.vector_norm(h, float("inf")).float() / 2**15).clamp(min=1)
+    return k.clamp(min=torch.finfo(torch.float32).tiny)  # no rows that count: any positive unit
+
 class _FusedLinearCE(torch.autograd.Function):
     "sum(c * CE(h @ W.T, t)) and each row's CE, with the gradients computed chunk by chunk in the forward."
     @staticmethod
     def forward(ctx, h, W, t, c, chunk, need_h, need_W, compile):
+        md = _mm_dtype(h)  # under autocast every matmul runs in autocast's dtype, the in-place ones too
+        Wm = W.to(md)  # once, not per chunk
         ce = h.new_empty(h.shape[0], dtype=_acc(h.dtype))
         gh = torch.empty_like(h) if need_h else None
         gW = torch.zeros(W.shape, dtype=_acc(W.dtype), device=W.device) if need_W else None
+        k = _gW_unit(h, c, chunk) if need_W and md != _acc(md) and h.shape[0] else None
         step = _maybe_compiled(_chunk_ce_grad if need_h or need_W else _chunk_ce, compile)
         for i in range(0, h.shape[0], chunk):
             s = slice(i, i + chunk)
-            if not (need_h or need_W): ce[s] = step(h[s], W, t[s]); continue
-            ce[s], gh_s = step(h[s], W, t[s], c[s], gW, need_h)
+            if not (need_h or need_W): ce[s] = step(h[s].to(md), Wm, t[s]); continue
+            ce[s], gh_s = step(h[s].to(md), Wm, t[s], c[s], gW, need_h, k)
             if need_h: gh[s] = gh_s
+        if k is not None: gW.mul_(k)
         ctx.grads = [gh, None if gW is None else gW.to(W.dtype)]
         ctx.mark_non_differentiable(ce)
         return (c * ce).sum(), ce
@@ -182,8 +216,7 @@ class _FusedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_ce):
         if ctx.grads is None: raise RuntimeError("the fused loss can be backpropagated only once (its gradients are computed in the forward)")
         grads, ctx.grads = ctx.grads, None  # hand the buffers over, so autograd can keep them instead of copying
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # backward() of the loss itself passes 1
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]  # in place, on the device: no host sync
         return *grads, None, None, None, None, None, None
 
 def _default_chunk(V: int) -> int:
@@ -191,14 +224,19 @@ def _default_chunk(V: int) -> int:
     return max(1, 2**24 // V)  # smaller chunks make the W-gradient matmul thin and slow (measured in 01a_loss_bench)
 
 def _fused(hidden, W, targets, c, chunk_size, compile) -> tuple[Tensor, Tensor]:
-    "The loss sum(c * ce) and the CE [B,S,H] from hidden states, computing only rows with c > 0."
-    keep = (c.reshape(-1) > 0).nonzero()[:, 0]  # the other rows never reach a matmul
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    "The loss sum(c * ce) and the CE [B,S,H] from hidden states; rows with c = 0 give no gradient and CE 0."
+    h, t, cr = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), c.reshape(-1)
+    on = cr > 0
+    if _host_checks(hidden):  # one host read (nonzero) buys compaction: the other rows never reach a matmul
+        keep = on.nonzero()[:, 0]
+        h, t, cr = h.index_select(0, keep), t[keep], cr[keep]
+    else:  # no host read: every row goes through, those that do not count as zeros with coefficient 0
+        h, t = torch.where(on[:, None], h, 0), torch.where(on, t, 0)
     grad = torch.is_grad_enabled()
-    loss, ce_rows = _FusedLinearCE.apply(h, W, targets.reshape(-1)[keep], c.reshape(-1)[keep],
-                                         chunk_size or _default_chunk(W.shape[0]),
+    loss, ce_rows = _FusedLinearCE.apply(h, W, t, cr, chunk_size or _default_chunk(W.shape[0]),
                                          grad and hidden.requires_grad, grad and W.requires_grad, compile)
-    ce = ce_rows.new_zeros(c.numel()).index_copy_(0, keep, ce_rows)
+    if _host_checks(hidden): ce = ce_rows.new_zeros(c.numel()).index_put_((keep,), ce_rows)  # index_copy_ is missing on MPS before torch 2.8
+    else: ce = torch.where(on, ce_rows, 0)
     return loss, ce.view(c.shape)
 
 # %% ../nbs/01_loss.ipynb #331af1f4
@@ -219,7 +257,7 @@ def weighted_mtp_loss(*, targets: Tensor, # [B,S,H] integer targets, e.g. from `
                       weights: Tensor | None = None, # [B,S,H] >= 0, detached here (None: all ones)
                       selection_mask: Tensor | None = None, # [B,S,H] bool, False drops a row
                       ignore_index: int = -100, # the target value that is not trained on
-                      norm: str = "global", # "global": sum(w*m*ce)/sum(w*m); "token": per-position mean, then mean
+                      norm: str = "global", # "global": sum(w*m*ce)/sum(w*m); "token": per-position mean, then mean (weights across positions cancel)
                       path: str = "auto", # "auto", "flatten", "per_head" or "fused"
                       chunk_size: int | None = None, # rows per chunk on the fused path (None: about 2^24/V)
                       compile: bool = False, # compile the CE computation with torch.compile (eager where that fails)
@@ -230,7 +268,9 @@ def weighted_mtp_loss(*, targets: Tensor, # [B,S,H] integer targets, e.g. from `
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     x = logits if hidden is None else hidden
+    if not _host_checks(x): targets, bad = _device_checks(targets, weights, V, ignore_index)
     c, valid = _coefficients(_row_weights(targets, weights, selection_mask, ignore_index), norm, _acc(x.dtype))
+    if not _host_checks(x): c = torch.where(bad, torch.nan, c)  # a bad target or weight: loss and gradients NaN, which the step guards see
     if path == "fused": loss, ce = _fused(hidden, unembedding, targets, c, chunk_size, compile)
     else:
         ce = _maybe_compiled(_ce_flatten if path == "flatten" else _ce_per_head, compile)(logits, targets, ignore_index)
@@ -247,7 +287,9 @@ def mtp_cross_entropy(*, targets: Tensor, # [B,S,H] integer targets
                       chunk_size: int | None = None, # rows per chunk with hidden states
                      ) -> Tensor: # [B,S,H] fp32, 0 where the target is ignored
     "Every row's CE without gradients, from logits or from hidden states and the unembedding."
-    _check_inputs(targets, logits, hidden, unembedding, ignore_index)
-    if logits is not None: return _ce_per_head(logits, targets, ignore_index)
-    c = (targets != ignore_index).to(_acc(hidden.dtype))
-    return _fused(hidden, unembedding, targets, c, chunk_size, False)[1]
+    V = _check_inputs(targets, logits, hidden, unembedding, ignore_index)
+    x = logits if hidden is None else hidden
+    if not _host_checks(x): targets, bad = _device_checks(targets, None, V, ignore_index)
+    if logits is not None: ce = _ce_per_head(logits, targets, ignore_index)
+    else: ce = _fused(hidden, unembedding, targets, (targets != ignore_index).to(_acc(hidden.dtype)), chunk_size, False)[1]
+    return ce if _host_checks(x) else torch.where(bad, torch.nan, ce)

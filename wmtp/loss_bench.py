@@ -40,24 +40,33 @@ def _step(path, targets, weights, hidden, W, chunk_size=None) -> float:
     return loss.item()
 
 # %% ../nbs/01a_loss_bench.ipynb #29447606
+def _peak_probe(device: str):
+    "How a step's extra peak memory is measured on `device`: (start, read, what), `read() - start()` in bytes."
+    if device.startswith("cuda"):
+        return (lambda: (torch.cuda.reset_peak_memory_stats(), torch.cuda.memory_allocated())[1],
+                torch.cuda.max_memory_allocated, "CUDA peak allocated")
+    if device.startswith("mps"):  # Metal allocations are not in the process's RSS
+        return (lambda: (torch.mps.empty_cache(), torch.mps.driver_allocated_memory())[1],
+                torch.mps.driver_allocated_memory, "MPS driver allocation")
+    return (lambda: process_memory().rss, lambda: process_memory().peak, "process peak RSS")
+
 def _measure(path, B, S, H, D, V, dtype, device, repeats, chunk_size=None) -> dict:
     "Extra peak memory of one step of `path` and the median time of `repeats` more, in this process."
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     args = _inputs(B, S, H, D, V, dtype, device)
     gc.collect(); sync(device)
-    cuda = device.startswith("cuda")
-    if cuda: torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
-    else: before = process_memory().rss
+    start, read, what = _peak_probe(device)
+    before = start()
     loss = _step(path, *args, chunk_size=chunk_size)  # also the warm-up
     sync(device)
-    extra = (torch.cuda.max_memory_allocated() if cuda else process_memory().peak) - before
+    extra = read() - before
     times, cpu_times = [], []
     for _ in range(repeats):
         sync(device); t0, c0 = time.perf_counter(), time.process_time()
         _step(path, *args, chunk_size=chunk_size)
         sync(device); times.append(time.perf_counter() - t0); cpu_times.append(time.process_time() - c0)
     return dict(path=path, time_s=statistics.median(times), cpu_s=statistics.median(cpu_times),
-                extra_peak_mb=max(extra, 0) / 2**20, loss=loss)
+                extra_peak_mb=max(extra, 0) / 2**20, loss=loss, memory=what)
 
 # %% ../nbs/01a_loss_bench.ipynb #536ebbc7
 def bench_loss_paths(B: int = 2, S: int = 512, H: int = 4, D: int = 256, V: int = 32768,

@@ -14,12 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 
-from .stack import stack_heads
+from .core import did_you_mean
+from .stack import check_stack_size, stack_heads
 
 # %% auto #0
-__all__ = ['MTPConfig', 'KVCache', 'Block', 'MTPOutput', 'MTPTransformer']
+__all__ = ['HEAD_LAYOUTS', 'MTPConfig', 'KVCache', 'Block', 'SeqModule', 'MLPHeads', 'MTPOutput', 'MTPTransformer']
 
 # %% ../nbs/04_model.ipynb #981ffacc
+HEAD_LAYOUTS = ("parallel", "sequential", "mlp")
+
 @dataclass
 class MTPConfig:
     "Hyperparameters of an `MTPTransformer`."
@@ -29,10 +32,11 @@ class MTPConfig:
     n_head: int = 4  # attention heads per block
     n_future: int = 4  # prediction heads H; head k predicts token t+1+k
     max_seq_len: int = 256  # longest sequence (learned positions)
-    n_head_layers: int = 1  # blocks in each prediction head
+    n_head_layers: int = 1  # per head: blocks (parallel), blocks per module (sequential), residual SiLU blocks (mlp)
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches
     tie_embeddings: bool = True  # the unembedding is the token embedding
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    heads: str = "parallel"  # head layout: parallel (Meta) | sequential (DeepSeek-V3) | mlp (Medusa)
 
     def __post_init__(self):
         for k in ("vocab_size", "d_model", "n_layer", "n_head", "n_future", "max_seq_len", "n_head_layers", "mlp_ratio"):
@@ -40,6 +44,8 @@ class MTPConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"MTPConfig.{k} must be a positive int, got {v!r}")
         if self.d_model % self.n_head: raise ValueError(f"MTPConfig.d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0: raise ValueError(f"MTPConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.heads not in HEAD_LAYOUTS:
+            raise ValueError(f"MTPConfig.heads must be one of {', '.join(HEAD_LAYOUTS)}, got {self.heads!r}{did_you_mean(self.heads, HEAD_LAYOUTS)}")
 
 # %% ../nbs/04_model.ipynb #45523451
 class KVCache:
@@ -50,16 +56,16 @@ class KVCache:
         self.v: list[Tensor | None] = [None] * n_layers
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        "Write `k`,`v` [B,nh,T,hd] after the cached positions of `layer`; return all keys and values so far."
+        "Write `k`,`v` [B,nh,T,hd] after the cached positions of `layer` (rows 0..B-1); return those rows' keys and values so far."
         B, nh, T, hd = k.shape
         end = self.length + T
         if end > self.max_len: raise ValueError(f"KVCache is full: {self.length} cached + {T} new > max_len={self.max_len}")
         if self.k[layer] is None:  # allocate lazily, so the cache takes the dtype (autocast) and device of the keys
             self.k[layer] = k.new_zeros(B, nh, self.max_len, hd)
             self.v[layer] = v.new_zeros(B, nh, self.max_len, hd)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer][:B, :, self.length:end] = k  # fewer rows than allocated: the first B (drafting heads drop out at the end)
+        self.v[layer][:B, :, self.length:end] = v
+        return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
 
     def crop(self, length: int):
         "Forget every position from `length` on."
@@ -67,6 +73,19 @@ class KVCache:
         self.length = length
 
 # %% ../nbs/04_model.ipynb #353100dc
+def _attend(q: Tensor, k: Tensor, v: Tensor, n_head: int, cache: KVCache | None, layer: int, dropout: float = 0.0) -> Tensor:
+    "Causal attention [B,Tq,D] of queries for the last Tq of T new positions over cached + new keys and values [B,T,D]."
+    B, Tq, D = q.shape
+    T = k.shape[1]
+    q, k, v = (t.view(B, t.shape[1], n_head, D // n_head).transpose(1, 2) for t in (q, k, v))
+    L = 0 if cache is None else cache.length
+    if cache is not None: k, v = cache.update(layer, k, v)
+    causal = L == 0 and Tq == T > 1
+    # query i sits at position L+T-Tq+i and may see keys 0..L+T-Tq+i (one query at the end sees everything: no mask)
+    mask = torch.ones(Tq, L + T, dtype=torch.bool, device=q.device).tril(L + T - Tq) if Tq > 1 and not causal else None
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+    return y.transpose(1, 2).reshape(B, Tq, D)
+
 class Block(nn.Module):
     "Pre-norm transformer block: causal self-attention and an MLP, each on the residual stream."
     def __init__(self, cfg: MTPConfig):
@@ -80,22 +99,45 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def attention(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:
-        B, T, D = x.shape
-        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.qkv(x).split(D, dim=2))
-        mask, causal = None, True
-        if cache is not None:
-            L = cache.length
-            k, v = cache.update(layer, k, v)
-            causal = L == 0 and T > 1
-            if L > 0 and T > 1:  # query i sits at position L+i and may see keys 0..L+i
-                mask = torch.arange(L + T, device=x.device) <= (L + torch.arange(T, device=x.device))[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=2)
+        return self.proj(_attend(q, k, v, self.n_head, cache, layer, self.dropout if self.training else 0.0))
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         x = x + self.drop(self.attention(self.norm1(x), cache, layer))
         return x + self.drop(self.out(F.gelu(self.fc(self.norm2(x)))))
+
+# %% ../nbs/04_model.ipynb #8b221a3d
+class SeqModule(nn.Module):
+    "DeepSeek-V3's MTP module: RMSNorm both inputs, concatenate, project 2D->D, then `n_head_layers` blocks."
+    def __init__(self, cfg: MTPConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.h_norm, self.e_norm = nn.RMSNorm(D), nn.RMSNorm(D)
+        self.combine = nn.Linear(2 * D, D, bias=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_head_layers))
+
+    def forward(self, h: Tensor, e: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        "Depth k's hidden [B,T,D] from depth k-1's `h` [B,T,D] at t and the embeddings `e` [B,T,D] of tokens t+k."
+        x = self.combine(torch.cat([self.h_norm(h), self.e_norm(e)], dim=-1))
+        for i, blk in enumerate(self.blocks): x = blk(x, cache, layer + i)
+        return x
+
+# %% ../nbs/04_model.ipynb #fc05146a
+class MLPHeads(nn.Module):
+    "Medusa-style extra heads: per head, `n_head_layers` residual blocks z + SiLU(W z) on the final normed hidden state, batched over heads."
+    def __init__(self, cfg: MTPConfig, n_heads: int):
+        super().__init__()
+        # zero: every block starts as the identity, so a new head predicts exactly what head 0 predicts
+        self.weight = nn.Parameter(torch.zeros(cfg.n_head_layers, n_heads, cfg.d_model, cfg.d_model))
+
+    def forward(self, n: Tensor, n_heads: int | None = None) -> Tensor:
+        "Residual deltas [...,K,D] of the first `n_heads` extra heads (default all) from the normed hidden `n` [...,D]."
+        W = self.weight if n_heads is None else self.weight[:, :n_heads]
+        K, D = W.shape[1], W.shape[-1]
+        delta = F.silu(F.linear(n, W[0].reshape(K * D, D))).unflatten(-1, (K, D))  # every head's first block reads n: one matmul
+        for l in range(1, W.shape[0]):
+            delta = delta + F.silu(torch.einsum("...kd,ked->...ke", n.unsqueeze(-2) + delta, W[l]))
+        return delta
 
 # %% ../nbs/04_model.ipynb #e15b8be0
 class MTPOutput(NamedTuple):
@@ -105,8 +147,15 @@ class MTPOutput(NamedTuple):
     logits: Tensor | None  # None, [B,S,V] (head 0) or [B,S,H,V] (all heads)
 
 # %% ../nbs/04_model.ipynb #28d06f61
+def _make_heads(cfg: MTPConfig) -> nn.ModuleList:
+    "The heads of a layout: H lists of blocks (parallel), H-1 modules (sequential), or one batched `MLPHeads` (mlp)."
+    H = cfg.n_future
+    if cfg.heads == "parallel": return nn.ModuleList(nn.ModuleList(Block(cfg) for _ in range(cfg.n_head_layers)) for _ in range(H))
+    if cfg.heads == "sequential": return nn.ModuleList(SeqModule(cfg) for _ in range(H - 1))
+    return nn.ModuleList([MLPHeads(cfg, H - 1)] if H > 1 else [])
+
 class MTPTransformer(nn.Module):
-    "Multi-token-prediction transformer: trunk, H parallel head blocks, shared final norm and unembedding."
+    "Multi-token-prediction transformer: trunk, H heads (parallel, sequential or mlp layout), shared final norm and unembedding."
     def __init__(self, cfg: MTPConfig):
         super().__init__()
         if not isinstance(cfg, MTPConfig): raise TypeError(f"cfg must be an MTPConfig, got {type(cfg).__name__}")
@@ -115,7 +164,7 @@ class MTPTransformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.trunk = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.heads = nn.ModuleList(nn.ModuleList(Block(cfg) for _ in range(cfg.n_head_layers)) for _ in range(cfg.n_future))
+        self.heads = _make_heads(cfg)
         self.norm = nn.RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings: self.lm_head.weight = self.tok_emb.weight
@@ -134,10 +183,15 @@ class MTPTransformer(nn.Module):
         "The [V,D] weight shared by all heads (what the fused loss multiplies by)."
         return self.lm_head.weight
 
+    def _cache_layers(self, n_heads: int) -> int:
+        "Attention layers in a cached forward through the first `n_heads` heads (only parallel heads have any)."
+        return self.cfg.n_layer + (n_heads * self.cfg.n_head_layers if self.cfg.heads == "parallel" else 0)
+
     def new_cache(self, n_heads: int | None = None) -> KVCache:
         "An empty KV cache for forward passes that run the first `n_heads` heads (default all)."
         n_heads = self.n_future if n_heads is None else n_heads
-        return KVCache(self.cfg.n_layer + n_heads * self.cfg.n_head_layers, self.cfg.max_seq_len)
+        if self.cfg.heads == "sequential" and n_heads > 1: raise ValueError(_SEQ_CACHE)
+        return KVCache(self._cache_layers(n_heads), self.cfg.max_seq_len)
 
     def forward(self, input_ids: Tensor, *, logits: str | None = None, kv_cache: KVCache | None = None,
                 n_heads: int | None = None) -> MTPOutput:
@@ -147,17 +201,18 @@ class MTPTransformer(nn.Module):
         B, T = input_ids.shape
         start = 0 if kv_cache is None else kv_cache.length
         pos = torch.arange(start, start + T, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
+        emb = self.tok_emb(input_ids)
+        x = self.drop(emb + self.pos_emb(pos))
         for i, blk in enumerate(self.trunk): x = blk(x, kv_cache, i)
-        outs, layer = [], len(self.trunk)
-        for head in self.heads[:H]:
-            h = x
-            for blk in head: h, layer = blk(h, kv_cache, layer), layer + 1
-            outs.append(self.norm(h))
+        outs = self._run_heads(x, emb, H, kv_cache)
         if kv_cache is not None: kv_cache.length += T
         lg = None
         if logits == "head0": lg = self.lm_head(outs[0])
-        elif logits == "all": lg = stack_heads([self.lm_head(o) for o in outs], dim=2)
+        elif logits == "all":  # MPS's size limit is checked before any head's [B,S,V] logits exist
+            dev = x.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.unembedding.dtype
+            check_stack_size(dev, (B, T, H, self.unembedding.shape[0]), dt, what="logits='all'")
+            lg = stack_heads([self.lm_head(o) for o in outs], dim=2)
         return MTPOutput(stack_heads(outs, dim=2), x, lg)
 
     def _check_inputs(self, input_ids, logits, kv_cache, H):
@@ -169,8 +224,34 @@ class MTPTransformer(nn.Module):
         start = 0 if kv_cache is None else kv_cache.length
         if start + input_ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence too long: {start} cached + {input_ids.shape[1]} new positions > max_seq_len={self.cfg.max_seq_len}")
-        if kv_cache is not None and kv_cache.n_layers != self.cfg.n_layer + H * self.cfg.n_head_layers:
-            raise ValueError(f"kv_cache has {kv_cache.n_layers} layers but n_heads={H} needs {self.cfg.n_layer + H * self.cfg.n_head_layers}: use model.new_cache(n_heads)")
+        if kv_cache is not None and self.cfg.heads == "sequential" and H > 1: raise ValueError(_SEQ_CACHE)
+        if kv_cache is not None and kv_cache.n_layers != self._cache_layers(H):
+            raise ValueError(f"kv_cache has {kv_cache.n_layers} layers but n_heads={H} needs {self._cache_layers(H)}: use model.new_cache(n_heads)")
+
+_SEQ_CACHE = ("a cached forward of sequential heads runs the trunk only (n_heads=1): module k at t needs token t+k, "
+              "which a cached pass has not seen yet (generate(..., speculative=True) drafts with the modules)")
+
+# %% ../nbs/04_model.ipynb #393bd944
+@patch
+def _run_heads(self: MTPTransformer, x: Tensor, emb: Tensor, H: int, cache: KVCache | None) -> list[Tensor]:
+    "The normed hidden [B,T,D] of each of the first `H` heads, from the trunk output `x` and the token embeddings `emb`."
+    c = self.cfg
+    if c.heads == "parallel":
+        outs, layer = [], c.n_layer
+        for head in self.heads[:H]:
+            h = x
+            for blk in head: h, layer = blk(h, cache, layer), layer + 1
+            outs.append(self.norm(h))
+        return outs
+    n = self.norm(x)  # depth 0: the trunk's own next-token output
+    if H == 1: return [n]
+    if c.heads == "mlp": return [n, *(n.unsqueeze(-2) + self.heads[0](n, H - 1)).unbind(-2)]
+    outs, h = [n], x
+    for k, mod in enumerate(self.heads[:H - 1], start=1):
+        # token t+k for module k; past the end there is none: a zero vector (those rows have no target)
+        h = mod(h, F.pad(emb[:, k:], (0, 0, 0, min(k, emb.shape[1]))))
+        outs.append(self.norm(h))
+    return outs
 
 # %% ../nbs/04_model.ipynb #84fcfe3c
 def _count(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
@@ -217,27 +298,93 @@ def _decode(self: MTPTransformer, ids, max_new_tokens, temperature, top_k, gener
         x = nxt[:, None] if use_cache else ids
     return ids, dict(forward_passes=max_new_tokens, tokens_generated=max_new_tokens * ids.shape[0], tokens_per_forward=1.0)
 
-# %% ../nbs/04_model.ipynb #57c393be
+# %% ../nbs/04_model.ipynb #2c62386d
+@patch
+def _draft_state(self: MTPTransformer) -> dict:
+    "What the draft heads keep between passes: parallel heads their stacked weights and a KV cache; sequential modules one cache each and each depth's hidden states."
+    c, n = self.cfg, self.n_future - 1
+    if c.heads == "parallel": return dict(cache=KVCache(c.n_head_layers, c.max_seq_len), weights=self._stacked_heads() if n else [])
+    if c.heads == "sequential": return dict(caches=[KVCache(c.n_head_layers, c.max_seq_len) for _ in range(n)], hidden=[None] * n)
+    return {}
+
+@patch
+def _draft(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
+    "`m` draft tokens [m] after the sure token `seq[-1]`; `x` [1,n,D] is the trunk output at the newly accepted positions, the last is p'."
+    return getattr(self, f"_draft_{self.cfg.heads}")(st, x, seq, m)
+
+@patch
+def _stacked_heads(self: MTPTransformer) -> list[dict]:
+    "Heads 1..H-1's block weights stacked over heads, layer by layer, transposed for `bmm` (drafting runs the heads as one batch)."
+    D, out = self.cfg.d_model, []
+    for j in range(self.cfg.n_head_layers):
+        blks = [head[j] for head in self.heads[1:]]
+        st = lambda f: torch.stack([f(b) for b in blks])
+        out.append(dict(n1=st(lambda b: b.norm1.weight)[:, None], n2=st(lambda b: b.norm2.weight)[:, None], eps=blks[0].norm1.eps,
+                        q=st(lambda b: b.qkv.weight[:D].T), kv=st(lambda b: b.qkv.weight[D:].T), proj=st(lambda b: b.proj.weight.T),
+                        fc=st(lambda b: b.fc.weight.T), out=st(lambda b: b.out.weight.T)))
+    return out
+
+def _batched_block(w: dict, h: Tensor, cache: KVCache, layer: int, last: bool, n_head: int) -> Tensor:
+    "The blocks of K heads at once on `h` [K,T,D] (eval mode): `Block.forward` with each head's weights on one row of a batch."
+    m, D = h.shape[0], h.shape[-1]
+    w = {k: v[:m] if isinstance(v, Tensor) else v for k, v in w.items()}
+    a = F.rms_norm(h, (D,), eps=w["eps"]) * w["n1"]
+    k, v = torch.bmm(a, w["kv"]).split(D, dim=2)
+    h = h[:, -1:] if last else h
+    h = h + torch.bmm(_attend(torch.bmm(a[:, -h.shape[1]:], w["q"]), k, v, n_head, cache, layer), w["proj"])
+    return h + torch.bmm(F.gelu(torch.bmm(F.rms_norm(h, (D,), eps=w["eps"]) * w["n2"], w["fc"])), w["out"])
+
+@patch
+def _draft_parallel(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
+    "Heads 1..m as one batch, at p'; before p' their last block writes keys and values only."
+    h, HL = x.expand(m, *x.shape[1:]), self.cfg.n_head_layers  # every head reads the trunk output
+    for j, w in enumerate(st["weights"]): h = _batched_block(w, h, st["cache"], j, j == HL - 1, self.cfg.n_head)
+    st["cache"].length += x.shape[1]
+    return F.linear(self.norm(h[:, -1]), self.unembedding).argmax(-1)
+
+@patch
+def _draft_mlp(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
+    "The first m MLP heads, at p' only."
+    n = self.norm(x[0, -1])
+    return F.linear(n + self.heads[0](n, m), self.unembedding).argmax(-1)
+
+@patch
+def _draft_sequential(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
+    "Modules 1..m one after the other at p', module k fed draft k-1 (or the sure token) as token p'+k."
+    p, hid = seq.numel() - 2, st["hidden"]  # seq ends with the sure token, at p'+1
+    if hid[0] is None: hid[:] = [x.new_zeros(1, self.cfg.max_seq_len, x.shape[-1]) for _ in hid]
+    hid[0][:, p + 1 - x.shape[1]:p + 1] = x  # depth 0 is the trunk
+    toks = seq
+    for k in range(1, m + 1):
+        cache = st["caches"][k - 1]
+        c = cache.length  # positions 0..c-1 are final: their token t+k was certain when computed
+        h = self.heads[k - 1](hid[k - 1][:, c:p + 1], self.tok_emb(toks[c + k:p + k + 1])[None], cache)
+        cache.length = p + 1
+        cache.crop(max(p + 2 - k, 0))  # keep the positions whose token t+k is accepted or sure
+        if k < m: hid[k][:, c:p + 1] = h
+        toks = torch.cat([toks, F.linear(self.norm(h[0, -1]), self.unembedding).argmax(-1, keepdim=True)])
+    return toks[seq.numel():]
+
+# %% ../nbs/04_model.ipynb #8858aec2
 @patch
 def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int):
-    "Self-speculative greedy decoding of one sequence [1,S]: heads 1..H-1 draft, head 0 verifies."
-    cache, new, n_new = self.new_cache(), [], 0
-    guess = self._head_logits(self(ids, kv_cache=cache).hidden)[0].argmax(-1)  # [H]: sure token, then drafts
-    passes, accepted = 1, []
-    while n_new < max_new_tokens:
-        left = max_new_tokens - n_new
-        if left == 1: new.append(guess[:1]); break  # the last sure token needs no forward pass
-        cand = guess[:min(self.n_future, left)]  # do not feed drafts past the budget (nor past max_seq_len)
+    "Self-speculative greedy decoding of one sequence [1,S]: heads 1..H-1 draft at the last accepted position, head 0 verifies."
+    W, S = self.unembedding, ids.shape[1]
+    cache, st = self.new_cache(n_heads=1), self._draft_state()
+    out = self(ids, kv_cache=cache, n_heads=1)  # prefill: the trunk and head 0 over the prompt
+    seq = torch.cat([ids[0], F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])  # the prompt, then the first sure token
+    x, passes, accepted = out.trunk, 1, 0
+    while (left := S + max_new_tokens - seq.numel()) > 0:
+        m = min(self.n_future - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
+        drafts = self._draft(st, x, seq, m) if m > 0 else seq[:0]
         start = cache.length
-        pred = F.linear(self(cand[None], kv_cache=cache).hidden[0], self.unembedding).argmax(-1)  # [len(cand), H]
-        passes += 1
-        ok = (pred[:-1, 0] == cand[1:]).long().cumprod(0)  # 1 while every draft so far matched
-        a = int(ok.sum())
-        new.append(cand[:1 + a]); accepted.append(a); n_new += 1 + a
+        out = self(torch.cat([seq[-1:], drafts])[None], kv_cache=cache, n_heads=1)  # verify: the sure token, then the drafts
+        pred = F.linear(out.hidden[0, :, 0], W).argmax(-1)  # head 0's token after each fed one
+        a = int((pred[:-1] == drafts).long().cumprod(0).sum())  # drafts accepted: all before the first mismatch
         cache.crop(start + 1 + a)
-        guess = pred[a]
-    new = torch.cat(new)[:max_new_tokens]
-    return torch.cat([ids, new[None]], dim=1), dict(forward_passes=passes, accepted_drafts=sum(accepted))
+        seq = torch.cat([seq, drafts[:a], pred[a:a + 1]])
+        x, passes, accepted = out.trunk[:, :1 + a], passes + 1, accepted + a
+    return seq[None], dict(forward_passes=passes, accepted_drafts=accepted)
 
 # %% ../nbs/04_model.ipynb #8a55c24f
 @patch

@@ -4,12 +4,12 @@
 
 # %% ../nbs/02_policy.ipynb #a3cc900a
 from __future__ import annotations
-import functools, inspect, os, platform, random, re
+import functools, inspect, os, platform, random, re, sys
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Union, get_args, get_type_hints
 
 import torch
 import yaml
@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from .core import did_you_mean, process_memory, sync
 
 # %% auto #0
-__all__ = ['Capabilities', 'DevicePolicy', 'profile_names', 'load_profile']
+__all__ = ['MPS_MIN_TORCH', 'Capabilities', 'DevicePolicy', 'DeviceSettings', 'profile_names', 'load_profile']
 
 # %% ../nbs/02_policy.ipynb #dce8ebc6
 def _ver(s: str) -> tuple[int, ...]:
@@ -29,6 +29,17 @@ def _try(fn: Callable, default=None):
     "Call `fn`, or return `default` where the backend raises (torch.mps.* raise on Linux)."
     try: return fn()
     except Exception: return default
+
+MPS_MIN_TORCH = (2, 8)  # index_copy_ on MPS (pytorch #154326) and a GradScaler without float64 on MPS (#150255)
+
+def _macos_version(newer: Callable | None = None, # (major, minor) -> bool; None: torch.backends.mps.is_macos_or_newer
+                   mac_ver: Callable = platform.mac_ver) -> str:
+    "The macOS version, asked of the OS through torch; platform.mac_ver() only where torch cannot say."
+    s = mac_ver()[0]
+    newer = newer or torch.backends.mps.is_macos_or_newer
+    major = next((m for m in (26, 15, 14, 13, 12, 11) if _try(lambda: newer(m, 0), False)), None)
+    if major is None: return s
+    return s if _ver(s)[:1] == (major,) else f"{major}.0"  # e.g. Python built for 10.x reports "10.16" on macOS 14
 
 @dataclass
 class Capabilities:
@@ -41,13 +52,13 @@ class Capabilities:
     compile_ok: bool = True       # torch.compile exists in this build
     cpu_count: int = 1
     cuda_name: str = ""
-    mps_fp16: bool | None = None  # fp16 autocast on MPS; None: derived from the torch version
+    mps_fp16: bool | None = None  # fp16 autocast + GradScaler on MPS; None: derived from the torch version
     mps_bf16: bool | None = None  # bf16 autocast on MPS; None: derived from the torch and macOS versions
 
     def __post_init__(self):
         t, m = _ver(self.torch_version), _ver(self.macos)
-        if self.mps_fp16 is None: self.mps_fp16 = self.mps and t >= (2, 5)
-        if self.mps_bf16 is None: self.mps_bf16 = self.mps and t >= (2, 6) and m >= (14,)
+        if self.mps_fp16 is None: self.mps_fp16 = self.mps and t >= MPS_MIN_TORCH
+        if self.mps_bf16 is None: self.mps_bf16 = self.mps and t >= MPS_MIN_TORCH and m >= (14,)
 
     @classmethod
     def detect(cls) -> Capabilities:
@@ -58,7 +69,7 @@ class Capabilities:
             except TypeError: return torch.cuda.is_bf16_supported()  # older torch: no emulation flag
         return cls(cuda=cuda, cuda_bf16=cuda and bool(_try(bf16, False)),
                    mps=bool(_try(lambda: torch.backends.mps.is_available(), False)),
-                   macos=platform.mac_ver()[0], torch_version=torch.__version__,
+                   macos=_macos_version() if sys.platform == "darwin" else "", torch_version=torch.__version__,
                    compile_ok=hasattr(torch, "compile"), cpu_count=os.cpu_count() or 1,
                    cuda_name=_try(torch.cuda.get_device_name, "") if cuda else "")
 
@@ -76,24 +87,32 @@ def _canon_precision(p) -> str:
     if s == "auto": return s
     raise ValueError(f"precision={p!r} is not one of auto|fp32|bf16|fp16 (aliases: {', '.join(sum(_ALIASES.values(), ()))})")
 
+def _check_mps_torch(dev: torch.device, caps: Capabilities) -> torch.device:
+    "`dev`, unless it is MPS with a torch too old to train there."
+    if dev.type == "mps" and _ver(caps.torch_version) < MPS_MIN_TORCH:
+        raise RuntimeError(f"training on MPS needs torch >= 2.8 (here torch {caps.torch_version}): before 2.8 MPS has no index_copy_, "
+                           f"which the fused loss uses, and the fp16 GradScaler crashes at its first step (it calls .double()). "
+                           f"Upgrade with pip install -U 'torch>=2.8', or pass device='cpu'")
+    return dev
+
 def _resolve_device(req, caps: Capabilities) -> tuple[torch.device, str]:
     "The device for `req` ('auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device), and why."
     avail = [d for d, ok in (("cuda", caps.cuda), ("mps", caps.mps), ("cpu", True)) if ok]
-    if str(req) == "auto": return torch.device(avail[0]), f"auto: the first available of cuda, mps, cpu; here: {', '.join(avail)}"
+    if str(req) == "auto": return _check_mps_torch(torch.device(avail[0]), caps), f"auto: the first available of cuda, mps, cpu; here: {', '.join(avail)}"
     try: dev = torch.device(req)
     except (RuntimeError, TypeError) as e: raise ValueError(f"device={req!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from e
     if dev.type not in ("cpu", "cuda", "mps"): raise ValueError(f"device={req!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     if dev.type not in avail:
         raise RuntimeError(f"device={req!r} was requested but {dev.type.upper()} is not available on this machine (available: {', '.join(avail)})")
-    return dev, "requested"
+    return _check_mps_torch(dev, caps), "requested"
 
 def _unsupported(dev: str, caps: Capabilities) -> dict[str, str]:
     "Precisions `dev` cannot honour, each with the reason (fp32 always works)."
     t, m = caps.torch_version, caps.macos or "none"
     if dev == "cuda": return {} if caps.cuda_bf16 else {"bf16": f"{caps.cuda_name or 'this CUDA device'} has no native bf16 (needs compute capability >= 8.0)"}
     if dev == "mps":
-        no = {} if caps.mps_bf16 else {"bf16": f"bf16 autocast on MPS needs torch >= 2.6 and macOS >= 14 (here torch {t}, macOS {m})"}
-        if not caps.mps_fp16: no["fp16"] = f"fp16 autocast on MPS needs torch >= 2.5 (here torch {t})"
+        no = {} if caps.mps_bf16 else {"bf16": f"bf16 autocast on MPS needs torch >= 2.8 and macOS >= 14 (here torch {t}, macOS {m})"}
+        if not caps.mps_fp16: no["fp16"] = f"fp16 with a GradScaler on MPS needs torch >= 2.8 (here torch {t})"
         return no
     return {"fp16": "fp16 on CPU is slow and needs a GradScaler; use bf16 or fp32"}
 
@@ -153,9 +172,11 @@ class DevicePolicy:
         "A fresh autocast context for the device and dtype; a no-op context for fp32."
         return nullcontext() if self.amp_dtype is None else torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    scaler_cls = torch.amp.GradScaler  # a run over several processes sets one whose skip decision all ranks share
+
     def grad_scaler(self, **kwargs) -> torch.amp.GradScaler | None:
         "A GradScaler for fp16 (its small range needs loss scaling); None for bf16 and fp32."
-        return torch.amp.GradScaler(self.device.type, **kwargs) if self.precision == "fp16" else None
+        return self.scaler_cls(self.device.type, **kwargs) if self.precision == "fp16" else None
 
 # %% ../nbs/02_policy.ipynb #f0c6927e
 _MPS_WORKERS = ("num_workers=0 on MPS: macOS starts DataLoader workers as fresh interpreters that re-import "
@@ -278,8 +299,23 @@ def describe(self: DevicePolicy) -> str:
     return "\n".join(lines + [f"note        : {m}" for m in self.notes])
 
 # %% ../nbs/02_policy.ipynb #4167262b
-_PROFILE_TYPES = dict(device=(str,), precision=(str, int), compile=(bool, str), num_workers=(int, str),
-                      seed=(int,), loss_path=(str,), verbose=(bool,))
+@dataclass
+class DeviceSettings:
+    "The settings of a `DevicePolicy` that a profile or a config may set; None leaves one to the layer below."
+    device: Optional[str] = None                # auto | cpu | cuda | cuda:N | mps
+    precision: Union[str, int, None] = None     # auto | fp32 | bf16 | fp16 (or an alias)
+    compile: Union[bool, str, None] = None      # torch.compile the model: True (inductor) or a backend name; eager where it fails
+    num_workers: Union[int, str, None] = None   # DataLoader workers: auto or a number
+    loss_path: Optional[str] = None             # auto | flatten | per_head | fused
+
+    def settings(self) -> dict:
+        "The settings this sets (not None), as `DevicePolicy` keyword arguments."
+        return {f.name: getattr(self, f.name) for f in fields(DeviceSettings) if getattr(self, f.name) is not None}
+
+def _setting_types() -> dict[str, tuple[type, ...]]:
+    "Each setting's allowed types, read from `DeviceSettings`' annotations (None aside)."
+    hints = get_type_hints(DeviceSettings)
+    return {f.name: tuple(t for t in (get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)) for f in fields(DeviceSettings)}
 
 def _profile_dir() -> Path:
     "Where the shipped profiles are (package data)."
@@ -289,17 +325,18 @@ def profile_names() -> list[str]:
     "Names of the shipped profiles."
     return sorted(p.stem for p in _profile_dir().glob("*.yaml"))
 
-def _check_settings(d: dict, where: str):
-    "Raise on a key DevicePolicy does not take (naming the closest one) or a value of the wrong type."
+def _check_settings(d: dict, where: str, extra: dict | None = None):
+    "Raise on a key that is not a setting (naming the closest one) or a value of the wrong type."
+    types_ = {**_setting_types(), **(extra or {})}
     for k, v in d.items():
-        if k not in _PROFILE_TYPES:
-            raise ValueError(f"{where}: unknown key {k!r}{did_you_mean(k, _PROFILE_TYPES)}; valid keys: {', '.join(_PROFILE_TYPES)}")
-        types = _PROFILE_TYPES[k]
-        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-            raise TypeError(f"{where}: key {k!r} must be {' or '.join(t.__name__ for t in types)}, got {type(v).__name__} {v!r}")
+        if k not in types_:
+            raise ValueError(f"{where}: unknown key {k!r}{did_you_mean(k, types_)}; valid keys: {', '.join(types_)}")
+        ok = types_[k]
+        if not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok):
+            raise TypeError(f"{where}: key {k!r} must be {' or '.join(t.__name__ for t in ok)}, got {type(v).__name__} {v!r}")
 
-def load_profile(name_or_path) -> dict:
-    "The policy defaults overlaid by a shipped profile (by name) or a YAML file (by path)."
+def load_profile(name_or_path) -> DeviceSettings:
+    "The settings of a shipped profile (by name) or a YAML file (by path): only those it names are set."
     p = Path(name_or_path)
     if p.suffix not in (".yaml", ".yml") and len(p.parts) == 1:
         if str(name_or_path) not in profile_names():
@@ -309,12 +346,13 @@ def load_profile(name_or_path) -> dict:
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict): raise ValueError(f"profile {p}: expected a mapping of settings, got {type(data).__name__}")
     _check_settings(data, where=f"profile {p}")
-    defaults = {k: v.default for k, v in inspect.signature(DevicePolicy.__init__).parameters.items() if k in _PROFILE_TYPES}
-    return {**defaults, **data}
+    return DeviceSettings(**data)
+
+_RUN_KWARGS = dict(seed=(int,), verbose=(bool,))  # policy arguments that belong to a run, not to a device: never in a profile
 
 @patch(cls_method=True)
 def from_profile(cls: DevicePolicy, name_or_path, **overrides) -> DevicePolicy:
     "A policy from a profile, with keyword overrides on top (`caps` may be injected too)."
     caps = overrides.pop("caps", None)
-    _check_settings(overrides, where="from_profile overrides")
-    return cls(**{**load_profile(name_or_path), **overrides}, caps=caps)
+    _check_settings(overrides, where="from_profile overrides", extra=_RUN_KWARGS)
+    return cls(**{**load_profile(name_or_path).settings(), **overrides}, caps=caps)

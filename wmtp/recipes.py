@@ -4,13 +4,14 @@
 
 # %% ../nbs/09_recipes.ipynb #ffc7f257
 from __future__ import annotations
-import dataclasses, hashlib, json, types, typing
+import dataclasses, hashlib, json, types, typing, warnings
 from dataclasses import dataclass, field, fields, asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .core import suggest
+from .policy import DeviceSettings
 
 # %% auto #0
 __all__ = ['ALGORITHMS', 'CONFIG_DIR', 'SHORT_NAMES', 'DevicesConfig', 'PathsConfig', 'TrackingConfig', 'CheckpointsConfig',
@@ -20,17 +21,9 @@ __all__ = ['ALGORITHMS', 'CONFIG_DIR', 'SHORT_NAMES', 'DevicesConfig', 'PathsCon
 
 # %% ../nbs/09_recipes.ipynb #71899b23
 @dataclass
-class DevicesConfig:
-    "Settings for `wmtp.policy.DevicePolicy`, each optional: unset (None) takes the profile's, else the policy's default (auto)."
-    device: Optional[str] = None       # auto | cpu | cuda | cuda:N | mps
-    precision: Optional[str] = None    # auto | fp32 | bf16 | fp16
-    compile: Optional[bool] = None     # torch.compile the model (falls back to eager where it fails); off by default
-    num_workers: Union[int, str, None] = None  # DataLoader workers: auto or a number
+class DevicesConfig(DeviceSettings):
+    "The config's device settings (`wmtp.policy.DeviceSettings`, each optional: unset takes the profile's, else the policy's default)."
     profile: Optional[str] = None      # a profile name (wmtp/configs/profiles) or a YAML path: a partial config under these
-
-    def settings(self) -> dict:
-        "The settings this config sets (not None), as `DevicePolicy` keyword arguments."
-        return {k: v for k, v in asdict(self).items() if k != "profile" and v is not None}
 
 @dataclass
 class PathsConfig:
@@ -76,15 +69,16 @@ ALGORITHMS = ("baseline", "critic", "rho1-weighted", "rho1-tokenskip")
 
 @dataclass
 class ModelRecipe:
-    "The MTP transformer's shape (fields of `wmtp.model.MTPConfig`)."
+    "The MTP transformer's shape (fields of `wmtp.model.MTPConfig`), or a pretrained model to put the heads on (`wmtp.hf`)."
     d_model: int = 128
     n_layer: int = 2
     n_head: int = 4
     n_future: int = 4
-    n_head_layers: int = 1
+    n_head_layers: int = 1          # per head: blocks (parallel), blocks per module (sequential), residual blocks (mlp)
     max_seq_len: int = 128
     dropout: float = 0.0
     tie_embeddings: bool = True
+    heads: str = "parallel"         # head layout: parallel (Meta) | sequential (DeepSeek-V3) | mlp (Medusa)
     pretrained: Optional[str] = None  # a Hugging Face causal LM (folder or Hub id) to put the heads on (wmtp.hf); the shape above is then its own
     train: str = "all"                # with `pretrained`: all, or heads (only the extra heads learn; the pretrained model stays frozen)
     tokenizer: Optional[str] = None   # with `pretrained`: another tokenizer (folder or Hub id) than the model's own
@@ -130,12 +124,12 @@ class WeighterRecipe:
     gamma: float = 1.0                  # critic
     lam: float = 0.95
     beta: float = 1.0
-    w_min: float = 0.1
-    w_max: float = 3.0
+    w_min: float = 0.1                  # critic (and rho1-weighted): every final weight lies in [w_min, w_max]
+    w_max: float = 3.0                  # and the weights still average 1 (needs w_min <= 1 <= w_max)
     stage1_steps: int = 100
     value_lr: float = 1e-3
     reference: Optional[str] = None     # rho1: a run directory or a .safetensors file
-    temperature: float = 1.0            # rho1-weighted
+    temperature: float = 2.0            # rho1-weighted: softmax temperature of the excess losses
     keep_ratio: float = 0.6             # rho1-tokenskip
 
 @dataclass
@@ -200,15 +194,16 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
 
 # %% ../nbs/09_recipes.ipynb #cf2b7739
 _CHOICES = {"algorithm": ALGORITHMS, "loss.norm": ("global", "token"), "loss.path": ("auto", "flatten", "per_head", "fused"),
-            "data.corpus": ("stdlib", "builtin-tasks", "jsonl", "humaneval"), "optim.nonfinite": ("skip", "stop"), "model.train": ("all", "heads"),
-            "distributed.strategy": ("auto", "none", "fsdp2"), "distributed.backend": ("auto", "gloo", "nccl")}
+            "data.corpus": ("stdlib", "builtin-tasks", "jsonl", "humaneval"), "optim.nonfinite": ("skip", "stop"),
+            "distributed.strategy": ("auto", "none", "fsdp2"), "distributed.backend": ("auto", "gloo", "nccl"),
+            "model.heads": ("parallel", "sequential", "mlp"), "model.train": ("all", "heads")}
 
 def _get(obj, dotted):
     for part in dotted.split("."): obj = getattr(obj, part)
     return obj
 
 _POSITIVE = ("optim.max_steps", "optim.grad_accum", "optim.eval_batches", "optim.eval_interval", "data.seq_len", "data.batch_size",
-             "data.n_tasks", "model.d_model", "model.n_layer", "model.n_head", "model.n_future", "model.max_seq_len",
+             "data.n_tasks", "model.d_model", "model.n_layer", "model.n_head", "model.n_future", "model.max_seq_len", "model.n_head_layers",
              "checkpoints.keep_last", "tracking.log_every", "optim.lr")
 
 def validate(obj):
@@ -222,7 +217,19 @@ def validate(obj):
         try: value = _get(obj, key)
         except AttributeError: continue
         if not value > 0: raise ConfigError(f"'{key}' must be > 0, got {value!r}")
+    _check_weighting(obj)
     return obj
+
+def _check_weighting(obj):
+    "Weight bounds that can average 1; a warning when a weighting algorithm meets the per-token norm."
+    try: alg, norm, w = obj.algorithm, obj.loss.norm, obj.weighter
+    except AttributeError: return  # a Config
+    if alg in ("critic", "rho1-weighted") and not 0 <= w.w_min <= 1 <= w.w_max:
+        raise ConfigError(f"'weighter.w_min' and 'weighter.w_max' must satisfy 0 <= w_min <= 1 <= w_max (weights average 1), "
+                          f"got {w.w_min!r} and {w.w_max!r}")
+    if alg != "baseline" and norm == "token":
+        warnings.warn(f"algorithm {alg!r} with loss.norm='token': the per-token norm cancels weights across positions (with one "
+                      f"head the loss is the unweighted one); use loss.norm='global' for the weights to act", stacklevel=2)
 
 # %% ../nbs/09_recipes.ipynb #d9d94f08
 import wmtp
@@ -300,4 +307,5 @@ def config_hash(config: Config, recipe: Recipe) -> str:
     "A short hash of everything that changes the trained weights."
     payload = {"recipe": asdict(recipe), "seed": config.seed, "precision": config.devices.precision or "auto"}
     payload["recipe"]["optim"].pop("eval_interval", None)
+    if payload["recipe"]["model"].get("heads") == "parallel": del payload["recipe"]["model"]["heads"]  # the default: runs from before the field keep their hash
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

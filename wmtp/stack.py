@@ -10,21 +10,23 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['MPS_MAX_ELEMENTS', 'MPS_MAX_BYTES', 'stack_heads']
+__all__ = ['MPS_MAX_ELEMENTS', 'MPS_MAX_BYTES', 'check_stack_size', 'stack_heads', 'SimulatedMPS']
 
 # %% ../nbs/00_stack.ipynb #adc8ab19
 MPS_MAX_ELEMENTS = 2**31  # the most elements one MPS tensor may hold
 MPS_MAX_BYTES = 4 * 2**30  # the most bytes one MPS tensor may hold
+_LIMITS = {"mps": (MPS_MAX_ELEMENTS, MPS_MAX_BYTES)}  # device type -> (elements, bytes); other devices have none
 
-def _check_stack_size(device_type: str, shape: Sequence[int], dtype: torch.dtype):
+def check_stack_size(device_type: str, shape: Sequence[int], dtype: torch.dtype, what: str = "stack_heads"):
     "Raise if a tensor of `shape` and `dtype` is too large for one tensor on `device_type` (only MPS has limits)."
-    if device_type != "mps": return
+    if device_type not in _LIMITS: return
+    max_n, max_bytes = _LIMITS[device_type]
     n = math.prod(shape)
     nbytes = n * torch.empty((), dtype=dtype).element_size()
-    if n > MPS_MAX_ELEMENTS or nbytes > MPS_MAX_BYTES:
+    if n > max_n or nbytes > max_bytes:
         raise ValueError(
-            f"stack_heads: the stacked result {list(shape)} {dtype} has {n:,} elements ({nbytes / 2**30:.2f} GB), "
-            f"more than one MPS tensor can hold (2^31 elements or 4 GB). Do not stack logits: use the fused loss "
+            f"{what}: the result {list(shape)} {dtype} has {n:,} elements ({nbytes / 2**30:.2f} GB), "
+            f"more than one {device_type.upper()} tensor can hold ({max_n:,} elements or {max_bytes / 2**30:.0f} GB). Do not stack logits: use the fused loss "
             f"(weighted_mtp_loss(hidden=..., unembedding=...), path='fused'), or a smaller batch or sequence length.")
 
 # %% ../nbs/00_stack.ipynb #719503c5
@@ -52,6 +54,30 @@ def stack_heads(tensors: Sequence[Tensor], # H tensors of one shape, e.g. [B,S,X
         raise ValueError(f"stack_heads: dim={dim} is out of range for {first.ndim}-D tensors (expected {-first.ndim - 1}..{first.ndim})")
     dim = dim % (first.ndim + 1)
     shape = list(first.shape[:dim]) + [len(tensors)] + list(first.shape[dim:])
-    _check_stack_size(first.device.type, shape, first.dtype)
+    check_stack_size(first.device.type, shape, first.dtype)
     if first.device.type == "mps": return _stack_by_copy(tensors, dim)
     return torch.stack(tensors, dim=dim)  # a fresh tensor: already contiguous
+
+# %% ../nbs/00_stack.ipynb #20d83b7c
+class SimulatedMPS(Tensor):
+    "For tests on the CPU: a CPU tensor that says it is on MPS and, like MPS, refuses float64 results until copied to the CPU."
+    @staticmethod
+    def __new__(cls, x: Tensor):
+        r = Tensor._make_wrapper_subclass(cls, x.shape, strides=x.stride(), dtype=x.dtype, device=torch.device("mps"))
+        r.x = x
+        return r
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+        kwargs = kwargs or {}
+        unwrap = lambda t: t.x if isinstance(t, SimulatedMPS) else t
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"): return out  # left "MPS"
+        def wrap(t):
+            if not isinstance(t, Tensor): return t
+            if t.dtype == torch.float64: raise TypeError(f"{func}: MPS has no float64 (simulated): copy to the CPU first")
+            return SimulatedMPS(t)
+        return tree_map(wrap, out)
+
+    def __repr__(self): return f"SimulatedMPS({self.x!r})"

@@ -4,13 +4,16 @@
 
 # %% ../nbs/03a_verify.ipynb #602ac312
 from __future__ import annotations
-import ast, os, random, re, signal, subprocess, sys, tempfile
+import ast, hashlib, os, random, re, signal, subprocess, sys, tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+from .data import dedupe_records, program_key
+
 # %% auto #0
-__all__ = ['run_tests', 'run_tests_many', 'builtin_tasks', 'mutate_solution', 'labelled_records']
+__all__ = ['HELDOUT_FRAC', 'run_tests', 'run_tests_many', 'builtin_tasks', 'mutate_solution', 'labelled_records',
+           'heldout_records']
 
 # %% ../nbs/03a_verify.ipynb #11935d84
 def _kill(proc: subprocess.Popen):
@@ -53,35 +56,59 @@ def run_tests_many(pairs: Sequence[tuple[str, str]], timeout: float = 5.0, max_w
     with ThreadPoolExecutor(workers) as ex: return list(ex.map(run, pairs))
 
 # %% ../nbs/03a_verify.ipynb #bea13a6d
-# (name, signature, docstring, body, input generator); {a}, {b}, {c}, {s} are filled with random constants
+# (family, argument, docstring, body, constant ranges, test inputs from (rng, constants)); {a}, {b}, {c}, {s} are the constants
 _TEMPLATES = [
-    ("affine", "x", "Return x times {a} plus {b}.", "return x * {a} + {b}", lambda r: [(r.randint(-9, 9),) for _ in range(4)]),
-    ("clamp", "x", "Clamp x into [{a}, {a} + {b}].",
-     "if x < {a}:\n    return {a}\nif x > {a} + {b}:\n    return {a} + {b}\nreturn x", lambda r: [(-20,), (20,), (5,), (0,), (r.randint(-5, 15),)]),
-    ("sum_above", "xs", "Sum the items of xs greater than {a}.",
-     "total = 0\nfor v in xs:\n    if v > {a}:\n        total += v\nreturn total", lambda r: [([], ), ([r.randint(-9, 9) for _ in range(6)] + [0, 1, 2, 3],), ([5, 6, 7],)]),
-    ("count_char", "s", "Count the characters {s!r} in s.", "return s.count({s!r})", lambda r: [("",), ("abcabc" * 2,), ("xyz",), ("".join(r.choice("abcxyz") for _ in range(9)),)]),
-    ("first_at_least", "xs", "Index of the first item of xs that is at least {a}, or -1.",
-     "for i, v in enumerate(xs):\n    if v >= {a}:\n        return i\nreturn -1", lambda r: [([],), ([0, 1, 2, 3, 4, 5, 6, 7],), ([9, 0, 9],), ([-5, -6],)]),
-    ("triangle", "n", "Sum of i * {a} for i in range(n + {b}).", "return sum(i * {a} for i in range(n + {b}))", lambda r: [(0,), (3,), (r.randint(1, 9),)]),
-    ("is_multiple", "n", "Whether n is a multiple of {c}.", "return n % {c} == 0", lambda r: [(0,), (1,), (12,), (35,), (r.randint(1, 99),)]),
-    ("spread", "xs", "Largest minus smallest item of xs, plus {b}.", "return max(xs) - min(xs) + {b}", lambda r: [([1],), ([3, -2, 7],), ([r.randint(0, 9) for _ in range(5)],)]),
-    ("shout", "s", "s in upper case followed by {b} exclamation marks.", "return s.upper() + '!' * {b}", lambda r: [("",), ("hi",), ("Mixed Case",)]),
+    ("affine", "x", "Return x times {a} plus {b}.", "return x * {a} + {b}", dict(a=(2, 20), b=(1, 20)),
+     lambda r, k: [(r.randint(-9, 9),) for _ in range(4)]),
+    ("clamp", "x", "Clamp x into [{a}, {a} + {b}].", "if x < {a}:\n    return {a}\nif x > {a} + {b}:\n    return {a} + {b}\nreturn x",
+     dict(a=(-10, 20), b=(1, 9)), lambda r, k: [(-50,), (50,), (k["a"],), (k["a"] + k["b"],), (r.randint(k["a"] - 3, k["a"] + k["b"] + 3),)]),
+    ("sum_above", "xs", "Sum the items of xs above {a}.", "total = 0\nfor v in xs:\n    if v > {a}:\n        total += v\nreturn total",
+     dict(a=(-40, 60)), lambda r, k: [([],), ([r.randint(k["a"] - 9, k["a"] + 9) for _ in range(6)] + [k["a"], k["a"] + 1],), ([k["a"] - 1, k["a"] + 5],)]),
+    ("count_char", "s", "Count {s!r} in s, times {c}.", "return s.count({s!r}) * {c}", dict(s="abcdefghijklmnopqrstuvwxyz", c=(2, 9)),
+     lambda r, k: [("",), (k["s"] * 3 + "xyz",), ("".join(r.choice(k["s"] + "xyz") for _ in range(9)),)]),
+    ("first_at_least", "xs", "Index of the first item >= {a}, or -1.", "for i, v in enumerate(xs):\n    if v >= {a}:\n        return i\nreturn -1",
+     dict(a=(-40, 60)), lambda r, k: [([],), ([k["a"] - 2, k["a"] - 1, k["a"], k["a"] + 1],), ([k["a"] + 3, k["a"] - 9],), ([k["a"] - 5, k["a"] - 6],)]),
+    ("triangle", "n", "Sum of i * {a} for i in range(n + {b}).", "return sum(i * {a} for i in range(n + {b}))", dict(a=(1, 20), b=(1, 9)),
+     lambda r, k: [(0,), (3,), (r.randint(1, 9),)]),
+    ("is_multiple", "n", "Whether n + {b} is a multiple of {c}.", "return (n + {b}) % {c} == 0", dict(b=(1, 20), c=(2, 12)),
+     lambda r, k: [(0,), (1,), (k["c"] - k["b"],), (2 * k["c"] - k["b"] + 1,), (r.randint(1, 99),)]),
+    ("spread", "xs", "Largest minus smallest item, times {c}, plus {b}.", "return (max(xs) - min(xs)) * {c} + {b}", dict(b=(0, 20), c=(1, 9)),
+     lambda r, k: [([1],), ([3, -2, 7],), ([r.randint(0, 9) for _ in range(5)],)]),
+    ("shout", "s", "s in upper case followed by {b} copies of {s!r}.", "return s.upper() + {s!r} * {b}", dict(s="!?.*#", b=(1, 20)),
+     lambda r, k: [("",), ("hi",), ("Mixed Case",)]),
 ]
+HELDOUT_FRAC = 0.25  # the share of each family's programs that only `split="heldout"` draws
+_SPLITS = ("train", "heldout", "all")
 
-def builtin_tasks(n: int = 64, seed: int = 0) -> list[dict]:
-    "`n` generated tasks {prompt, completion, tests, is_correct=True, task_id} from templates with random constants."
-    rng, out = random.Random(seed), []
-    for i in range(n):
-        name, arg, doc, body, inputs = _TEMPLATES[i % len(_TEMPLATES)]
-        consts = dict(a=rng.randint(0, 9), b=rng.randint(1, 5), c=rng.randint(2, 7), s=rng.choice("abcxyz"))
-        fn = f"{name}_{i}"
-        prompt = f'def {fn}({arg}):\n    """{doc.format(**consts)}"""\n'
-        completion = "".join(f"    {line}\n" for line in body.format(**consts).splitlines())
+def _heldout(prompt: str) -> bool:
+    "Whether a program (its prompt without the task index) lies on the held-out side."
+    return int(hashlib.sha1(f"builtin-heldout:{prompt}".encode()).hexdigest()[:15], 16) / 16**15 < HELDOUT_FRAC
+
+def _draw(rng: random.Random, ranges: dict) -> dict:
+    return {k: rng.choice(v) if isinstance(v, str) else rng.randint(*v) for k, v in ranges.items()}
+
+def builtin_tasks(n: int = 64, seed: int = 0, split: str = "train") -> list[dict]:
+    "`n` distinct generated tasks {prompt, completion, tests, is_correct=True, task_id, family} from `split`'s programs."
+    if split not in _SPLITS: raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    rng, out, seen, dead, j = random.Random(seed), [], set(), set(), 0
+    while len(out) < n:
+        if len(dead) == len(_TEMPLATES): raise ValueError(f"builtin_tasks: only {len(out)} distinct {split!r} tasks exist, asked for {n}")
+        name, arg, doc, body, ranges, inputs = _TEMPLATES[j % len(_TEMPLATES)]; j += 1
+        if name in dead: continue
+        for _ in range(200):  # a new program of this family on this side, else the family is used up
+            k = _draw(rng, ranges)
+            key = f'def {name}({arg}):\n    """{doc.format(**k)}"""\n'
+            if key not in seen and (split == "all" or _heldout(key) == (split == "heldout")): break
+        else: dead.add(name); continue
+        seen.add(key)
+        i, fn = len(out), f"{name}_{len(out)}"
+        prompt = f'def {fn}({arg}):\n    """{doc.format(**k)}"""\n'
+        completion = "".join(f"    {line}\n" for line in body.format(**k).splitlines())
         env: dict = {}
         exec(prompt + completion, env)  # our own reference code: the expected values come from it
-        tests = "".join(f"assert {fn}({x[0]!r}) == {env[fn](*x)!r}\n" for x in inputs(rng))
-        out.append({"prompt": prompt, "completion": completion, "tests": tests, "is_correct": True, "task_id": f"builtin/{i}"})
+        tests = "".join(f"assert {fn}({x[0]!r}) == {env[fn](*x)!r}\n" for x in inputs(rng, k))
+        out.append({"prompt": prompt, "completion": completion, "tests": tests, "is_correct": True,
+                    "task_id": f"builtin/{i}" if split == "train" else f"builtin-{split}/{i}", "family": name})
     return out
 
 # %% ../nbs/03a_verify.ipynb #e46631fc
@@ -145,8 +172,14 @@ def labelled_records(tasks: Sequence[dict], n_mutants: int = 2, seed: int = 0, t
     for i, t in enumerate(tasks):
         for k in ("prompt", "completion", "tests"):
             if k not in t: raise KeyError(f"task {i} has no {k!r} field (keys: {sorted(t)})")
-        base = {"prompt": t["prompt"], "tests": t["tests"], "task_id": t.get("task_id", str(i))}
+        base = {"prompt": t["prompt"], "tests": t["tests"], "task_id": t.get("task_id", str(i)), **({"family": t["family"]} if "family" in t else {})}
         recs.append({**base, "completion": t["completion"], "source": "reference"})
         recs += [{**base, "completion": m, "source": "mutant"} for m in mutate_solution(t["completion"], rng, n_mutants)]
     ok = run_tests_many([(r["prompt"] + r["completion"], r["tests"]) for r in recs], timeout, max_workers)
     return [{**r, "is_correct": o} for r, o in zip(recs, ok)]
+
+# %% ../nbs/03a_verify.ipynb #08d6d662
+def heldout_records(n_tasks: int = 60, seed: int = 0, n_mutants: int = 2, timeout: float = 5.0,
+                    max_workers: int | None = None) -> list[dict]:
+    "Labelled, deduplicated references and mutants of `n_tasks` held-out built-in tasks (no program shared with training)."
+    return dedupe_records(labelled_records(builtin_tasks(n_tasks, seed=seed, split="heldout"), n_mutants, seed, timeout, max_workers))

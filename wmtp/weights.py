@@ -18,8 +18,8 @@ from .model import MTPConfig, MTPOutput, MTPTransformer
 from .run import load_run
 
 # %% auto #0
-__all__ = ['scale_weights', 'spread_to_heads', 'masked_stats', 'Weighting', 'Weighter', 'mtp_model', 'UniformWeighter',
-           'load_reference', 'Rho1Weighter']
+__all__ = ['scale_weights', 'bounded_weights', 'spread_to_heads', 'masked_stats', 'Weighting', 'Weighter', 'mtp_model',
+           'UniformWeighter', 'load_reference', 'Rho1Weighter']
 
 # %% ../nbs/08_weights.ipynb #0a2996a3
 def scale_weights(w: Tensor, counting: Tensor) -> Tensor:
@@ -29,6 +29,34 @@ def scale_weights(w: Tensor, counting: Tensor) -> Tensor:
     w = torch.where(counting, w.detach().float(), 0.0)
     # no branch on the data (it would wait for the device every step); with no counting row, w is 0 and stays 0
     return w * (counting.sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny))
+
+# %% ../nbs/08_weights.ipynb #3a8cb023
+def bounded_weights(logw: Tensor, counting: Tensor, w_min: float = 0.0, w_max: float = float("inf"),
+                    dims: tuple[int, ...] | None = None, iters: int = 40) -> Tensor:
+    "clamp(exp(logw + s), w_min, w_max), 0 outside `counting`, with the shift s (per slice over `dims`) that makes the mean 1."
+    if logw.shape != counting.shape: raise ValueError(f"log-weights {tuple(logw.shape)} and counting mask {tuple(counting.shape)} differ in shape")
+    if counting.dtype != torch.bool: raise ValueError(f"counting mask must be bool, got {counting.dtype}")
+    if not 0 <= w_min <= 1 <= w_max: raise ValueError(f"need 0 <= w_min <= 1 <= w_max (weights averaging 1), got w_min={w_min!r}, w_max={w_max!r}")
+    dims = tuple(range(logw.dim())) if dims is None else tuple(dims)
+    z = torch.where(counting, logw.detach().float(), 0.0)
+    n = counting.sum(dims, keepdim=True)
+    lo = torch.where(counting, z, float("-inf")).amax(dims, keepdim=True).neg()  # every weight <= 1: mean <= 1
+    hi = torch.where(counting, z, float("inf")).amin(dims, keepdim=True).neg()   # every weight >= 1: mean >= 1
+    lo, hi = torch.where(n > 0, lo, 0.0), torch.where(n > 0, hi, 0.0)
+    clip = lambda s: torch.where(counting, (z + s).exp().clamp(w_min, w_max), 0.0)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        below = clip(mid).sum(dims, keepdim=True) < n
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    s = (lo + hi) / 2
+    # exact finish: the rows at a bound stay there; the free rows take the shift that makes the sum n
+    e = (z + s).exp()
+    low, high = counting & (e <= w_min), counting & (e >= w_max)
+    fixed = low.sum(dims, keepdim=True) * w_min + torch.where(high, w_max, 0.0).sum(dims, keepdim=True)
+    free = torch.where(counting & ~low & ~high, e, 0.0).sum(dims, keepdim=True)
+    ok = (free > 0) & (n - fixed > 0)
+    s = torch.where(ok, s + ((n - fixed).clamp_min(1e-30) / free.clamp_min(1e-30)).log(), s)
+    return clip(s)
 
 # %% ../nbs/08_weights.ipynb #3215079b
 def spread_to_heads(x: Tensor, H: int, offset: int, fill=0) -> Tensor:
@@ -57,6 +85,7 @@ class Weighting(NamedTuple):
 class Weighter:
     "Base of the weighting algorithms: checks, the scale policy, statistics, and empty state."
     name = "weighter"
+    prescaled = False  # True when `_raw` already returns mean-1 weights (bounded ones): they are then only masked
     def __init__(self, ignore_index: int = -100):
         self.ignore_index, self.training, self._last = ignore_index, True, {}
 
@@ -70,8 +99,12 @@ class Weighter:
         with torch.no_grad():
             raw, sel = self._raw(batch, out, targets, valid)
             counting = valid if sel is None else valid & sel
-            w = scale_weights(raw, counting)
-            self._last.update(weights=masked_stats(w, counting), kept=counting.sum() / valid.sum().clamp_min(1))
+            # a second rescale of bounded weights would push them past their bound by rounding
+            w = torch.where(counting, raw.float(), 0.0) if self.prescaled else scale_weights(raw, counting)
+            st = masked_stats(w, counting)
+            st["ess"] = w.sum() ** 2 / (w * w).sum().clamp_min(torch.finfo(torch.float32).tiny)  # effective sample size
+            st["ess_frac"] = st["ess"] / st["count"].clamp_min(1)
+            self._last.update(weights=st, kept=counting.sum() / valid.sum().clamp_min(1))
         return Weighting(w, sel)
 
     def weights(self, batch: dict, out: MTPOutput, targets: Tensor) -> Tensor:
@@ -94,7 +127,7 @@ class Weighter:
         for k, v in self._last.items():
             if not isinstance(v, dict): out[f"weights/{k}"] = float(v)
             elif int(v["count"]) > 0: out.update({f"weights/{k}_{s}" if k != "weights" else f"weights/{s}": float(v[s])
-                                                  for s in ("mean", "std", "min", "max")})
+                                                  for s in ("mean", "std", "min", "max", "ess", "ess_frac") if s in v})
         return out
 
 def mtp_model(model: nn.Module) -> nn.Module:
@@ -136,12 +169,16 @@ def load_reference(path, cfg: MTPConfig | None = None) -> MTPTransformer:
 class Rho1Weighter(Weighter):
     "Rho-1: weights from the excess CE of the model over a frozen reference, soft (`weighted`) or top-fraction (`tokenskip`)."
     name = "rho1"
-    def __init__(self, reference: nn.Module | str | Path | None = None, mode: str = "weighted", temperature: float = 1.0,
-                 keep_ratio: float = 0.6, per_head: bool = True, reference_cfg: MTPConfig | None = None, ignore_index: int = -100):
+    prescaled = True  # `_raw` returns bounded mean-1 weights (weighted) or the kept rows (tokenskip)
+    def __init__(self, reference: nn.Module | str | Path | None = None, mode: str = "weighted", temperature: float = 2.0,
+                 keep_ratio: float = 0.6, per_head: bool = True, reference_cfg: MTPConfig | None = None,
+                 w_min: float = 0.0, w_max: float = 3.0, ignore_index: int = -100):
         super().__init__(ignore_index)
         if mode not in ("weighted", "tokenskip"): raise ValueError(f"mode must be 'weighted' or 'tokenskip', got {mode!r}")
         if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if not 0 < keep_ratio <= 1: raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        if not 0 <= w_min <= 1 <= w_max: raise ValueError(f"need 0 <= w_min <= 1 <= w_max (weights average 1), got w_min={w_min!r}, w_max={w_max!r}")
+        self.w_min, self.w_max = w_min, w_max
         self.mode, self.temperature, self.keep_ratio, self.per_head, self.reference_cfg = mode, temperature, keep_ratio, per_head, reference_cfg
         self._unembedding = None
         # a path is loaded now when the config is known, else by `bind`, which takes the trained model's config
@@ -190,8 +227,8 @@ def _raw(self: Rho1Weighter, batch, out, targets, valid):
     cols = excess.shape[-1] if self.per_head else 1
     ex, va = excess.reshape(-1, cols), valid.reshape(-1, cols)
     n = va.sum(0)  # valid rows per column
-    if self.mode == "weighted":  # N * softmax over each column's valid rows; NaN (no valid row) -> 0
-        w = torch.softmax(torch.where(va, ex / self.temperature, float("-inf")), dim=0).nan_to_num(0.0) * n
+    if self.mode == "weighted":  # N * softmax over each column's valid rows, bounded, mean 1 per column
+        w = bounded_weights(ex / self.temperature, va, self.w_min, self.w_max, dims=(0,))
         return w.view_as(excess), None
     # the top round(keep_ratio * N) valid rows of each column: ranks instead of topk, so k can stay on the device
     order = torch.where(va, ex, float("-inf")).argsort(dim=0, descending=True, stable=True)
