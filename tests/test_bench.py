@@ -59,7 +59,8 @@ def test_targets_each_have_a_verdict(quick):
                      "mps vs cpu training step", "torch.compile training step (cpu)",
                      *(f"H=4 vs H=1 training step (cpu, {h} heads, 2-block trunk)" for h in ("parallel", "sequential", "mlp")),
                      *(f"self-speculative vs greedy tokens/s (cpu, {h} heads)" for h in ("parallel", "sequential", "mlp")),
-                     "self-speculative vs greedy tokens/s, best layout (cpu)"):
+                     "self-speculative vs greedy tokens/s, best layout (cpu)",
+                     "pretrained H=4 fused vs transformers' H=1 extra peak memory (cpu, V=4096, S=64)"):
         assert expected in names
     by = {t["target"]: t for t in res["targets"]}
     assert by["torch.compile training step (cpu)"]["met"] is None  # skipped in --quick: n/a, not "yes"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_bench.ipynb #c4d11df1
 from __future__ import annotations
-import argparse, copy, importlib.util, json, math, os, platform, statistics, sys, sysconfig, time
+import argparse, copy, importlib.util, json, math, os, platform, statistics, subprocess, sys, sysconfig, time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -25,7 +25,7 @@ from .train import MTPLossFn
 # %% auto #0
 __all__ = ['BENCH_SIZES', 'MPS_BENCH_LOGITS', 'WEIGHTER_ROWS', 'median_time', 'bench_loss', 'make_train_step', 'bench_backends',
            'bench_compile', 'bench_weighters', 'side_by_side', 'work_bound', 'bench_heads', 'bench_compile_layouts',
-           'bench_decoding', 'targets', 'report_markdown', 'plot_report', 'run_bench', 'bench_main']
+           'bench_decoding', 'bench_pretrained', 'targets', 'report_markdown', 'plot_report', 'run_bench', 'bench_main']
 
 # %% ../nbs/13_bench.ipynb #d5c519e4
 def median_time(fn: Callable[[], object], # the work to time (called warmup + repeats times)
@@ -49,12 +49,14 @@ BENCH_SIZES = {
         loss=[dict(V=32768, B=2, S=512, H=4, D=256), dict(V=131072, B=1, S=512, H=4, D=256)], loss_repeats=3,
         loss_peers=["linear_cross_entropy"] if hasattr(F, "linear_cross_entropy") else [], peer_repeats=1,  # slow on CPU: one timed step
         model=dict(d_model=128, n_layer=2, n_head=4, max_seq_len=128), batch=(8, 128), deep_trunk=8, step_repeats=7,
-        compile=True, decode=dict(d_model=128, n_layer=8, max_steps=400, target_loss=0.1, lr=1e-3, period=96, prompt=16, new_tokens=96, repeats=7)),
+        compile=True, decode=dict(d_model=128, n_layer=8, max_steps=400, target_loss=0.1, lr=1e-3, period=96, prompt=16, new_tokens=96, repeats=7),
+        pretrained=dict(V=32768, S=512, B=2, d_model=256, n_layer=4, repeats=3)),
     "quick": dict(
         loss=[dict(V=32768, B=1, S=64, H=4, D=64), dict(V=131072, B=1, S=16, H=4, D=64)], loss_repeats=2,
         loss_peers=[], peer_repeats=1,  # torch's linear_cross_entropy takes seconds per step on CPU: full run only
         model=dict(d_model=64, n_layer=2, n_head=4, max_seq_len=64), batch=(4, 64), deep_trunk=None, step_repeats=3,
-        compile=False, decode=dict(d_model=64, n_layer=2, max_steps=300, target_loss=0.3, lr=2e-3, period=48, prompt=16, new_tokens=48, repeats=3)),
+        compile=False, decode=dict(d_model=64, n_layer=2, max_steps=300, target_loss=0.3, lr=2e-3, period=48, prompt=16, new_tokens=48, repeats=3),
+        pretrained=dict(V=4096, S=64, B=1, d_model=64, n_layer=2, repeats=1)),
 }
 
 def _say(msg: str):
@@ -266,6 +268,44 @@ def bench_decoding(device: str, sizes: dict) -> list[dict]:
                          recalled=float((greedy == x).float().mean()), sample=ByteTokenizer().decode(spec[0, P:].tolist())))
     return rows
 
+# %% ../nbs/13_bench.ipynb #6821729b
+def _hf_measure(kind: str, V: int, S: int, B: int, d_model: int, n_layer: int, repeats: int) -> dict:
+    "Extra peak memory of the first forward + backward of `kind` ('wmtp H=4 fused' or 'transformers H=1') and the median time of more, here."
+    import gc, transformers
+    from .core import process_memory
+    from .hf import HFMTPModel
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=S)
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg)
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(0))
+    if kind == "wmtp H=4 fused":
+        model = HFMTPModel(lm, n_future=4)
+        loss_fn = lambda: weighted_mtp_loss(targets=mtp_targets(ids, 4), hidden=model(ids).hidden, unembedding=model.unembedding).loss
+    elif kind == "transformers H=1": model, loss_fn = lm, lambda: lm(ids, labels=ids).loss
+    else: raise ValueError(f"unknown kind {kind!r}")
+    def step():
+        for p in model.parameters(): p.grad = None
+        loss = loss_fn(); loss.backward()
+        return loss.item()
+    gc.collect()
+    before = process_memory().rss
+    loss = step()
+    extra = process_memory().peak - before
+    return dict(kind=kind, H=4 if kind.startswith("wmtp") else 1, V=V, S=S, B=B, d_model=d_model, n_layer=n_layer, loss=loss,
+                extra_peak_mb=max(extra, 0) / 2**20, time_s=median_time(step, repeats=repeats, warmup=0))
+
+def bench_pretrained(sizes: dict) -> list[dict]:
+    "transformers' own H=1 step, then wmtp's H=4 fused step, on the same small Llama-style model (cpu, fresh processes)."
+    rows = []
+    for kind in ("transformers H=1", "wmtp H=4 fused"):
+        _say(f"pretrained model: {kind}, {sizes['pretrained']}")
+        code = f"import json; from wmtp.bench import _hf_measure; print(json.dumps(_hf_measure({kind!r}, **{sizes['pretrained']!r})))"
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if res.returncode != 0: raise RuntimeError(f"pretrained benchmark {kind!r} failed:\n{res.stderr[-2000:]}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return rows
+
 # %% ../nbs/13_bench.ipynb #6e40c87d
 def _row(name: str, measured: str, goal: str, met: bool | None) -> dict:
     return dict(target=name, measured=measured, goal=goal, met=met)
@@ -294,6 +334,10 @@ def targets(res: dict) -> list[dict]:
                         f"{r:.2f}x (bound {h['bound']:.2f}x, gap {100 * (r / h['bound'] - 1):+.0f}%)", "<= 1.10 x bound", r <= 1.1 * h["bound"]))
         if h["heads"] == "mlp" and h["trunk_layers"] == 8:
             out.append(_row(f"H=4 vs H=1 training step ({h['device']}, mlp heads, 8-block trunk)", f"{r:.2f}x", "<= 1.15x", r <= 1.15))
+    for p in res.get("pretrained", [])[1:]:
+        h1 = res["pretrained"][0]
+        out.append(_row(f"pretrained H=4 fused vs transformers' H=1 extra peak memory (cpu, V={p['V']}, S={p['S']})",
+                        f"{p['extra_peak_mb']:.0f} MB vs {h1['extra_peak_mb']:.0f} MB", "<= 1.00x", p["extra_peak_mb"] <= h1["extra_peak_mb"]))
     for d in res.get("decoding", []):
         sp = _judged(d, "speedup", "cpu_speedup")
         out.append(_row(f"self-speculative vs greedy tokens/s ({d['device']}, {d['heads']} heads)",
@@ -341,6 +385,12 @@ def report_markdown(res: dict) -> str:
     L += _table(["device", "model", "train steps", "recalled", "new tokens", "greedy tok/s", "speculative tok/s", "speed-up", "(CPU time)", "tokens per forward", "identical"],
                 [[d["device"], d["model"], d["train_steps"], f"{d['recalled']:.0%}", d["new_tokens"], _f(d["greedy_tok_s"], ".0f"), _f(d["speculative_tok_s"], ".0f"),
                   _f(d["speedup"], ".2f"), _f(d["cpu_speedup"], ".2f"), _f(d["tokens_per_forward"], ".2f"), "yes" if d["identical"] else "**no**"] for d in res["decoding"]])
+    if res.get("pretrained"):
+        p0 = res["pretrained"][0]
+        L += ["", f"## A pretrained model (Llama-style, d={p0['d_model']}, {p0['n_layer']} layers, V={p0['V']}, B x S = {p0['B']}x{p0['S']}, cpu fp32)", ""]
+        L += _table(["step", "heads", "step (s)", "extra peak (MB)", "x time", "x memory"],
+                    [[p["kind"], p["H"], _f(p["time_s"]), _f(p["extra_peak_mb"], ".0f"), _f(p["time_s"] / p0["time_s"], ".2f"),
+                      _f(max(p["extra_peak_mb"], 1.0) / max(p0["extra_peak_mb"], 1.0), ".2f")] for p in res["pretrained"]])
     if res["notes"]: L += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(L) + "\n"
 
@@ -419,7 +469,8 @@ def _run_bench(out_dir, quick, device, caps) -> dict:
                     compile=lambda: [r for d in devices for r in bench_compile_layouts(d, sizes, quick)],
                     heads=lambda: [r for d in devices for r in bench_heads(d, sizes)],
                     weighters=lambda: [r for d in devices for r in bench_weighters(d, sizes)],
-                    decoding=lambda: [r for d in devices for r in bench_decoding(d, sizes)])
+                    decoding=lambda: [r for d in devices for r in bench_decoding(d, sizes)],
+                    pretrained=lambda: bench_pretrained(sizes) if "cpu" in devices and importlib.util.find_spec("transformers") else [])
     for name, fn in sections.items():
         try: res[name] = fn()
         except Exception as e:  # one broken section must not throw away the others' minutes of measurements

@@ -204,13 +204,22 @@ def _dumps(obj) -> bytes:
     buf = io.BytesIO(); torch.save(obj, buf)
     return buf.getvalue()
 
+def _dumps_safe(obj) -> bytes:
+    "`_dumps`, refusing what a `weights_only` load would refuse (so every checkpoint written also loads safely)."
+    b = _dumps(obj)
+    try: torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TypeError("plain entries and states must be plain data (str, int, float, bool, None, lists, tuples, dicts, tensors) "
+                        f"that a weights_only load accepts: {str(e).strip().splitlines()[0]}") from None
+    return b
+
 @patch
 def _serialise(self: CheckpointManager, state: dict):
     "{file name: bytes} of this rank's RNG states and (rank 0) the stateful extras and plain entries, or an error."
     try:
         _, _, stful, plain = _split(state)
         blobs = {f"rng-{rank()}.pt": _dumps(_rng_state())}
-        if rank() == 0: blobs[EXTRA] = _dumps({"stateful": {k: v.state_dict() for k, v in stful.items()}, "plain": plain})
+        if rank() == 0: blobs[EXTRA] = _dumps_safe({"stateful": {k: v.state_dict() for k, v in stful.items()}, "plain": plain})
         err, local = None, None
     except Exception as e: blobs, err, local = {}, f"{type(e).__name__}: {e}", e
     return blobs, _agree(err), local
@@ -287,9 +296,11 @@ def _rotate(self: CheckpointManager):
 
 # %% ../nbs/05_checkpoint.ipynb #3c2acedf
 def _torch_load(path):
-    "Load with `weights_only=True`; plain entries of other types need the full unpickler (our own, verified file)."
+    "Load with `weights_only=True` only: a checkpoint may come from someone else, and its manifest proves nothing about intent."
     try: return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError: return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds objects that a safe (weights_only) load refuses, so it is not loaded: wmtp never runs "
+                         f"code from a checkpoint file ({str(e).strip().splitlines()[0]})") from None
 
 @patch
 def _choose(self: CheckpointManager, path) -> Path:

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from .recipes import ALGORITHMS, Config, ConfigError, load_recipe
-from .data import ByteTokenizer, RecordDataset, make_loader
+from .data import RecordDataset, make_loader
 from .verify import heldout_records
-from .run import load_run
+from .run import load_run, run_tokenizer
 from .train import resolve, train
 from .evaluate import per_head_metrics, evaluate_pass_at_k
 
@@ -52,7 +52,8 @@ def eval_set(n_tasks: int = 64, seed: int = 10_000) -> tuple[list[dict], list[di
 
 def evaluate_run(run_dir, records, problems, batch_size: int = 16, max_new_tokens: int = 96, seed: int = 0) -> dict:
     "CE per head on the correct programs and on all of them, and greedy pass@1 on `problems`, of the run in `run_dir`."
-    model, tok = load_run(run_dir).model, ByteTokenizer()
+    run = load_run(run_dir)
+    model, tok = run.model, run_tokenizer(run.info, run.run_dir)
     seq = model.cfg.max_seq_len
     def ce(recs):
         m = per_head_metrics(model, make_loader(RecordDataset(recs, tok, seq), batch_size, shuffle=False))

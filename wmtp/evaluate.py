@@ -18,7 +18,7 @@ from .core import sync
 from .loss import mtp_targets, mtp_cross_entropy
 from .data import ByteTokenizer, stdlib_documents, pack_documents, PackedDataset, make_loader
 from .verify import builtin_tasks, run_tests_many
-from .run import load_run
+from .run import load_run, run_tokenizer
 from .recipes import Recipe, from_dict
 from .train import build_datasets
 
@@ -237,13 +237,13 @@ def _valid_data(info: dict | None, tok, seq: int, n_rows: int, data: str = "run"
 def evaluate_model(model, info: dict | None = None, *, ks: Sequence[int] = (1,), samples: int | None = None,
                    tasks: str | None = None, max_problems: int = 8, max_new_tokens: int = 64,
                    temperature: float | None = None, valid_batches: int = 4, batch_size: int = 8, repeats: int = 3,
-                   timeout: float = 5.0, device: str = "auto", seed: int = 0, data: str = "run") -> dict:
-    "Per-head metrics on the run's validation data (`data='run'`) or stdlib code, the speculative decoding report and pass@k of `model`."
+                   timeout: float = 5.0, device: str = "auto", seed: int = 0, tokenizer=None, data: str = "run") -> dict:
+    "Per-head metrics on the run's validation data (`data='run'`) or stdlib code, the speculative decoding report and pass@k of `model` (byte tokenizer by default)."
     ks = sorted(set(ks)); samples = samples or max(ks)
     temperature = (0.0 if samples == 1 else 0.8) if temperature is None else temperature
     tasks = tasks or ("humaneval" if _humaneval_installed() else "builtin")
     policy = _eval_policy(device, seed)
-    model, tok, cfg = policy.to(model).eval(), ByteTokenizer(), model.cfg
+    model, tok, cfg = policy.to(model).eval(), tokenizer or ByteTokenizer(), model.cfg
     seq = min(cfg.max_seq_len, int(((info or {}).get("recipe") or {}).get("data", {}).get("seq_len") or cfg.max_seq_len))
     ds, source = _valid_data(info, tok, seq, valid_batches * batch_size, data)
     heads = dict(per_head_metrics(model, make_loader(ds, batch_size, shuffle=False), policy, max_batches=valid_batches), data=source)
@@ -341,7 +341,8 @@ def eval_main(argv=None) -> int:
         print(f"wmtp eval: error: {e}", file=sys.stderr); return 2
     res = evaluate_model(model, info, ks=a.k, samples=a.samples, tasks=a.tasks, max_problems=a.max_problems,
                          max_new_tokens=a.max_new_tokens, temperature=a.temperature, valid_batches=a.valid_batches,
-                         batch_size=a.batch_size, repeats=a.repeats, timeout=a.timeout, device=a.device, seed=a.seed, data=a.data)
+                         batch_size=a.batch_size, repeats=a.repeats, timeout=a.timeout, device=a.device, seed=a.seed,
+                         tokenizer=run_tokenizer(info, run_dir), data=a.data)
     print(format_report(res, f"wmtp eval: {a.path} (step {step})"))
     if not a.no_track:
         run_id, uri = log_eval(res, run_dir, info, step)

@@ -69,7 +69,7 @@ ALGORITHMS = ("baseline", "critic", "rho1-weighted", "rho1-tokenskip")
 
 @dataclass
 class ModelRecipe:
-    "The MTP transformer's shape (fields of `wmtp.model.MTPConfig`)."
+    "The MTP transformer's shape (fields of `wmtp.model.MTPConfig`), or a pretrained model to put the heads on (`wmtp.hf`)."
     d_model: int = 128
     n_layer: int = 2
     n_head: int = 4
@@ -79,6 +79,9 @@ class ModelRecipe:
     dropout: float = 0.0
     tie_embeddings: bool = True
     heads: str = "parallel"         # head layout: parallel (Meta) | sequential (DeepSeek-V3) | mlp (Medusa)
+    pretrained: Optional[str] = None  # a Hugging Face causal LM (folder or Hub id) to put the heads on (wmtp.hf); the shape above is then its own
+    train: str = "all"                # with `pretrained`: all, or heads (only the extra heads learn; the pretrained model stays frozen)
+    tokenizer: Optional[str] = None   # with `pretrained`: another tokenizer (folder or Hub id) than the model's own
 
 @dataclass
 class DataRecipe:
@@ -200,7 +203,7 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
 _CHOICES = {"algorithm": ALGORITHMS, "loss.norm": ("global", "token"), "loss.path": ("auto", "flatten", "per_head", "fused"),
             "data.corpus": ("stdlib", "builtin-tasks", "jsonl", "humaneval"), "optim.nonfinite": ("skip", "stop"),
             "distributed.strategy": ("auto", "none", "fsdp2"), "distributed.backend": ("auto", "gloo", "nccl"),
-            "model.heads": ("parallel", "sequential", "mlp")}
+            "model.heads": ("parallel", "sequential", "mlp"), "model.train": ("all", "heads")}
 
 def _get(obj, dotted):
     for part in dotted.split("."): obj = getattr(obj, part)

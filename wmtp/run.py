@@ -11,11 +11,13 @@ from typing import NamedTuple
 from torch import nn
 
 from .model import MTPConfig, MTPTransformer
+from .data import ByteTokenizer
 from .checkpoint import CheckpointManager, export_safetensors, load_safetensors
 
 # %% auto #0
-__all__ = ['RUN_INFO', 'MODEL_FILE', 'CHECKPOINTS', 'PLOTS', 'write_run_info', 'read_run_info', 'save_run_model',
-           'has_checkpoints', 'RunPaths', 'locate', 'LoadedRun', 'load_run']
+__all__ = ['RUN_INFO', 'MODEL_FILE', 'CHECKPOINTS', 'PLOTS', 'HF_DIR', 'write_run_info', 'read_run_info', 'save_run_model',
+           'has_checkpoints', 'RunPaths', 'locate', 'hf_source', 'run_tokenizer', 'LoadedRun', 'load_run', 'export_run',
+           'export_main']
 
 # %% ../nbs/05a_run.ipynb #7c2dcf79
 RUN_INFO, MODEL_FILE, CHECKPOINTS, PLOTS = "run.json", "model.safetensors", "checkpoints", "plots"
@@ -61,6 +63,31 @@ def locate(path) -> RunPaths:
                                 f"pass one of its checkpoints instead ({p / CHECKPOINTS}/step-N)")
     return RunPaths(p, p / MODEL_FILE, None)
 
+# %% ../nbs/05a_run.ipynb #d8b0a3d7
+HF_DIR = "hf"
+
+def hf_source(info: dict) -> str | None:
+    "The pretrained model (folder or Hub id) a run put its heads on, or None for wmtp's own model."
+    return ((info.get("recipe") or {}).get("model") or {}).get("pretrained")
+
+def _hf_base(run_dir: Path, info: dict) -> str:
+    "Where to build a pretrained run's model from: its own `hf/` export, else the pretrained source."
+    from wmtp.hf import MTP_CONFIG
+    return str(run_dir / HF_DIR) if (run_dir / HF_DIR / MTP_CONFIG).is_file() else hf_source(info)
+
+def _hf_model(run_dir: Path, info: dict) -> nn.Module:
+    import torch
+    from wmtp.hf import from_pretrained
+    mc = info["model_config"]
+    return from_pretrained(_hf_base(run_dir, info), n_future=mc["n_future"], n_head_layers=mc["n_head_layers"], dtype=torch.float32)
+
+def run_tokenizer(info: dict, run_dir=None):
+    "The tokenizer a run trained with: the pretrained model's (`wmtp.hf.HFTokenizer`) or the byte tokenizer."
+    if not hf_source(info): return ByteTokenizer()
+    from wmtp.hf import load_tokenizer
+    named = info["recipe"]["model"].get("tokenizer")  # a tokenizer named apart from the model (the export holds it too)
+    return load_tokenizer(_hf_base(Path(run_dir), info) if run_dir is not None and (Path(run_dir) / HF_DIR).is_dir() else named or hf_source(info))
+
 # %% ../nbs/05a_run.ipynb #fcc246d5
 class LoadedRun(NamedTuple):
     "A trained model and where it came from."
@@ -77,11 +104,40 @@ def load_run(path, cfg: MTPConfig | None = None) -> LoadedRun:
     "The model of a run directory, its weights file or a checkpoint; `cfg` gives the shape where there is no run.json."
     paths = locate(path)
     info = read_run_info(paths.run_dir) if cfg is None or (paths.run_dir / RUN_INFO).is_file() else {}
-    if info.get("tokenizer", "byte") != "byte":
-        raise ValueError(f"{paths.run_dir / RUN_INFO}: tokenizer {info['tokenizer']!r} is not supported (only 'byte')")
-    model = MTPTransformer(MTPConfig(**info["model_config"]) if info else cfg)
+    if info.get("tokenizer", "byte") not in ("byte", "hf") or (info.get("tokenizer") == "hf") != bool(hf_source(info)):
+        raise ValueError(f"{paths.run_dir / RUN_INFO}: tokenizer {info['tokenizer']!r} is not supported ('byte', or 'hf' with recipe.model.pretrained)")
+    model = _hf_model(paths.run_dir, info) if hf_source(info) else MTPTransformer(MTPConfig(**info["model_config"]) if info else cfg)
     if paths.checkpoint is not None: CheckpointManager(paths.checkpoint.parent).load({"model": model}, paths.checkpoint, restore_rng=False)
     else:
         if not paths.weights.is_file(): raise FileNotFoundError(f"{paths.weights} not found: no weights in {paths.run_dir}")
         load_safetensors(model, paths.weights)
     return LoadedRun(model.eval(), info, paths.run_dir, _step(paths, info))
+
+# %% ../nbs/05a_run.ipynb #b99a78f2
+def export_run(path, to=None) -> Path:
+    "Write the model of a pretrained run (a run directory, its weights or a checkpoint) as a HF folder (default RUN_DIR/hf)."
+    from wmtp.hf import save_hf
+    p = Path(path).expanduser()
+    run_dir = p if (p / RUN_INFO).is_file() else locate(p).run_dir
+    info = read_run_info(run_dir)
+    if not hf_source(info):
+        raise ValueError(f"{run_dir} trained wmtp's own MTPTransformer, not a pretrained Hugging Face model (recipe.model.pretrained): "
+                         "there is no transformers folder to export")
+    dest = Path(to).expanduser() if to else run_dir / HF_DIR
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())): raise FileExistsError(f"{dest} exists and is not an empty folder")
+    loaded = load_run(path)
+    return save_hf(loaded.model, run_tokenizer(info, run_dir), dest)
+
+def export_main(argv=None) -> int:
+    "The `wmtp export` command; return the exit code."
+    import argparse, sys
+    p = argparse.ArgumentParser(prog="wmtp export", description="Write a pretrained run's model as a Hugging Face folder: plain "
+                                "transformers loads it as head 0, wmtp.hf.from_pretrained restores every head.")
+    p.add_argument("path", help="run directory, its model.safetensors, or a checkpoint DIR/checkpoints/step-N")
+    p.add_argument("--to", help="the folder to write (default: RUN_DIR/hf); it must not exist or be empty")
+    a = p.parse_args(argv)
+    try: d = export_run(a.path, a.to)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"wmtp export: error: {e}", file=sys.stderr); return 2
+    print(f"wmtp export: {d} (transformers: AutoModelForCausalLM.from_pretrained; all heads: wmtp.hf.from_pretrained)")
+    return 0

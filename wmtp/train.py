@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #b8d96151
 from __future__ import annotations
-import argparse, functools, math, random, sys, time
+import argparse, functools, math, random, shutil, sys, time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,14 +25,14 @@ from .core import launch_env, unwrap_model
 from .weighters import make_weighter
 from .critic import fit_value_head, lm_stage, critic_report
 from .checkpoint import CheckpointManager
-from .run import CHECKPOINTS, PLOTS, has_checkpoints, save_run_model, write_run_info, load_run
+from .run import CHECKPOINTS, PLOTS, HF_DIR, has_checkpoints, save_run_model, write_run_info, export_run, load_run
 from .track import Tracker
 from .progress import plot_head_losses, plot_weight_histogram
 from . import distributed as wdist
 
 # %% auto #0
-__all__ = ['QUICK', 'QUICK_TASKS', 'resolve', 'seed_everything', 'build_datasets', 'build_model', 'build_weighter', 'MTPLossFn',
-           'train', 'train_main']
+__all__ = ['QUICK', 'QUICK_TASKS', 'resolve', 'seed_everything', 'build_datasets', 'build_tokenizer', 'build_model',
+           'build_weighter', 'MTPLossFn', 'train', 'train_main']
 
 # %% ../nbs/11_train.ipynb #08e66150
 QUICK = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
@@ -86,18 +86,45 @@ def build_datasets(recipe: Recipe, tokenizer, seed: int = 0):
     return train_ds, valid_ds
 
 # %% ../nbs/11_train.ipynb #cdd190dc
-def build_model(recipe: Recipe, tokenizer) -> MTPTransformer:
-    "The MTP transformer the recipe describes."
+def build_tokenizer(recipe: Recipe):
+    "The byte tokenizer, or the pretrained model's own (`model.pretrained`)."
+    if not recipe.model.pretrained: return ByteTokenizer()
+    from wmtp.hf import load_tokenizer
+    return load_tokenizer(recipe.model.tokenizer or recipe.model.pretrained)
+
+def _pretrained_model(recipe: Recipe, tokenizer):
+    "MTP heads on the recipe's pretrained model (`wmtp.hf`); `model.train=heads` freezes the pretrained model."
+    from wmtp.hf import from_pretrained
     m = recipe.model
+    if m.heads != "parallel": raise ConfigError(f"model.heads={m.heads!r}: heads on a pretrained model are copies of its last layers (parallel)")
+    model = from_pretrained(m.pretrained, n_future=m.n_future, n_head_layers=m.n_head_layers, dtype=torch.float32)
+    if recipe.data.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than the pretrained model's {model.cfg.max_seq_len} positions")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary only {model.cfg.vocab_size}")
+    if m.train == "heads": model.lm.requires_grad_(False)  # only the extra heads learn: head 0 stays the pretrained model
+    return model
+
+def build_model(recipe: Recipe, tokenizer) -> MTPTransformer:
+    "The MTP transformer the recipe describes (or heads on its pretrained model)."
+    m = recipe.model
+    if m.pretrained: return _pretrained_model(recipe, tokenizer)
     if recipe.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
-    return MTPTransformer(MTPConfig(vocab_size=tokenizer.vocab_size, **asdict(m)))
+    return MTPTransformer(MTPConfig(vocab_size=tokenizer.vocab_size, **{k: v for k, v in asdict(m).items() if k not in ("pretrained", "train", "tokenizer")}))
+
+def _hf_reference(ref: str) -> bool:
+    "Whether a rho1 reference names a Hugging Face model (a folder with config.json and no run.json, or a Hub id)."
+    from wmtp.hf import _is_local
+    p = Path(ref).expanduser()
+    return (p / "config.json").is_file() and not (p / "run.json").is_file() or not _is_local(ref)
 
 def _reference_path(recipe: Recipe) -> Path:
     "The rho1 reference's model file, or a clear error when it is not given or not there."
     if not recipe.weighter.reference:
         raise ConfigError(f"{recipe.algorithm} needs a reference model: pass reference=DIR (weighter.reference), the "
-                          f"directory of a finished run, for example a baseline run")
+                          f"directory of a finished run, for example a baseline run, or a Hugging Face causal LM")
+    if _hf_reference(recipe.weighter.reference): return Path(recipe.weighter.reference)
     p = Path(recipe.weighter.reference).expanduser()
     f = p / "model.safetensors" if p.is_dir() else p
     if not f.is_file():
@@ -113,7 +140,14 @@ def build_weighter(recipe: Recipe, model: MTPTransformer):
     settings = {k: v for k, v in asdict(recipe.weighter).items() if k not in _RUN_ONLY}
     # rho1 loads its reference in `bind`, with the shape in the reference's run.json (else the model's)
     ref = _reference_path(recipe) if recipe.algorithm.startswith("rho1") else None
-    return make_weighter(recipe.algorithm, reference=ref, **settings).bind(model)
+    if ref is not None and _hf_reference(recipe.weighter.reference):  # a pretrained model: its next-token CE is all rho1 reads
+        from wmtp.hf import from_pretrained
+        ref = from_pretrained(recipe.weighter.reference, n_future=1, dtype=torch.float32).requires_grad_(False)
+    weighter = make_weighter(recipe.algorithm, reference=ref, **settings).bind(model)
+    if ref is not None and weighter.reference.cfg.vocab_size != model.cfg.vocab_size:
+        raise ConfigError(f"the rho1 reference {recipe.weighter.reference} has a vocabulary of {weighter.reference.cfg.vocab_size} tokens, "
+                          f"the model {model.cfg.vocab_size}: rho1 compares their CE on the same tokens, so they must share one vocabulary")
+    return weighter
 
 # %% ../nbs/11_train.ipynb #2ddc564b
 class MTPLossFn:
@@ -151,9 +185,34 @@ class MTPLossFn:
 # %% ../nbs/11_train.ipynb #bfb5d106
 def _preflight(recipe: Recipe):
     "Check what can be checked before anything is written: the rho1 reference, the corpus file."
-    if recipe.algorithm.startswith("rho1"): _reference_path(recipe)
+    if recipe.model.pretrained: _check_pretrained(recipe)
+    if recipe.algorithm.startswith("rho1"):
+        _reference_path(recipe)
+        if _hf_reference(recipe.weighter.reference): _check_reference_vocab(recipe)
     if recipe.data.corpus == "jsonl" and not (recipe.data.path and Path(recipe.data.path).is_file()):
         raise FileNotFoundError(f"data.corpus is 'jsonl' but data.path={recipe.data.path!r} is not a file")
+
+def _check_pretrained(recipe: Recipe):
+    "`model.pretrained` names a causal LM whose positions hold `data.seq_len`: checked from its config, before anything loads."
+    from wmtp.hf import _is_local, _transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    src = recipe.model.pretrained
+    if _is_local(src) and not Path(src).expanduser().is_dir(): raise FileNotFoundError(f"model.pretrained={src}: no such model folder")
+    try: cfg = _transformers().AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e: raise ConfigError(f"model.pretrained={src} is not a Hugging Face model ({str(e).splitlines()[0]})") from None
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"model.pretrained={src} is a {cfg.model_type!r} model, not a causal language model")
+    n = getattr(cfg.get_text_config(decoder=True), "max_position_embeddings", None)
+    if n and recipe.data.seq_len > n: raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than the pretrained model's {n} positions")
+
+def _check_reference_vocab(recipe: Recipe):
+    "A pretrained rho1 reference must share the model's vocabulary: compared from the configs, before anything loads."
+    from wmtp.hf import _transformers
+    vocab = lambda src: _transformers().AutoConfig.from_pretrained(src).get_text_config(decoder=True).vocab_size
+    ref, mine = vocab(recipe.weighter.reference), vocab(recipe.model.pretrained) if recipe.model.pretrained else ByteTokenizer.vocab_size
+    if ref != mine:
+        raise ConfigError(f"the rho1 reference {recipe.weighter.reference} has a vocabulary of {ref} tokens, the model {mine}: "
+                          "rho1 compares their CE on the same tokens, so they must share one vocabulary")
 
 def _check_out(out: Path, resume: bool):
     "A new run never writes into a directory that holds another run's checkpoints."
@@ -304,7 +363,8 @@ def _fit(model, train_dl, valid_dl, loss_fn, opt, policy: DevicePolicy, cbs: lis
 # %% ../nbs/11_train.ipynb #8a016d36
 def _run_info(model, config: Config, recipe: Recipe) -> dict:
     "What `run.json` says about every run: the model's shape, the config and the recipe, the tokenizer."
-    return {"model_config": asdict(unwrap_model(model).cfg), "config": asdict(config), "recipe": asdict(recipe), "tokenizer": "byte"}
+    return {"model_config": asdict(unwrap_model(model).cfg), "config": asdict(config), "recipe": asdict(recipe),
+            "tokenizer": "hf" if recipe.model.pretrained else "byte"}
 
 def _save_plots(out: Path, history, weights, tracker, main: bool) -> list[Path]:
     "Loss per head and the weight histogram as PNG files, logged to the run."
@@ -327,6 +387,9 @@ def _outputs(out: Path, t0: float, config: Config, recipe: Recipe, model, learn,
     per_head = [final[f"val_ce_h{k}"] for k in range(recipe.model.n_future)]
     tracker.log_metrics({f"final/val_loss_h{k}": v for k, v in enumerate(per_head)} | {"final/val_loss": final["val_loss"]}, learn.step)
     save_run_model(out, model)
+    if recipe.model.pretrained and ctx.is_main:  # RUN_DIR/hf: plain transformers loads head 0, wmtp.hf every head
+        if (out / HF_DIR).exists(): shutil.rmtree(out / HF_DIR)  # a resumed run replaces the export of an earlier finish
+        export_run(out)
     info = {**_run_info(model, config, recipe), "final_val_loss_per_head": per_head, "final_val_loss": final["val_loss"],
             "steps": learn.step, "run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri if tracker.enabled else None,
             "wall_time_s": round(time.time() - t0, 2), "world_size": ctx.world_size, **(extra or {})}
@@ -340,6 +403,7 @@ def _summary(info: dict, out: Path) -> str:
     lines = [f"wmtp train: finished {info['recipe']['algorithm']} in {info['wall_time_s']:.1f} s ({info['steps']} steps)",
              f"  run directory   {out}", f"  final weights   {out / 'model.safetensors'}",
              f"  checkpoints     {out / 'checkpoints'} (latest: {Path(info['checkpoint']).name if info['checkpoint'] else 'none'})"]
+    if info["recipe"]["model"].get("pretrained"): lines.append(f"  HF export       {out / HF_DIR} (transformers loads head 0; wmtp.hf every head)")
     if info["tracking_uri"]: lines.append(f"  MLflow          {info['tracking_uri']}  run {info['run_id']}")
     if info["plots"]: lines.append(f"  plots           {', '.join(info['plots'])}")
     lines.append(f"  validation loss per head: {heads}  (all heads {info['final_val_loss']:.4f})")
@@ -356,7 +420,7 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
         _preflight(recipe); _check_out(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
-        tok = ByteTokenizer()
+        tok = build_tokenizer(recipe)
         train_ds, valid_ds = build_datasets(recipe, tok, config.seed)
         _planned_ok(recipe, train_ds, valid_ds, ctx.world_size)
         model = build_model(recipe, tok)
