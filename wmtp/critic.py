@@ -20,8 +20,8 @@ from .loss import mtp_targets, weighted_mtp_loss
 from .weights import Weighter, bounded_weights, masked_stats, mtp_model, spread_to_heads
 
 # %% auto #0
-__all__ = ['ValueHead', 'gae', 'CriticWeighter', 'advantage_correlation', 'fit_value_head', 'lm_stage', 'roc_auc',
-           'template_prior', 'template_prior_auc', 'critic_report']
+__all__ = ['ValueHead', 'gae', 'CriticWeighter', 'advantage_correlation', 'fit_value_head', 'ValueHeadStep', 'lm_stage',
+           'roc_auc', 'template_prior', 'template_prior_auc', 'critic_report']
 
 # %% ../nbs/08a_critic.ipynb #121ec663
 class ValueHead(nn.Module):
@@ -222,6 +222,15 @@ def fit_value_head(weighter: CriticWeighter, model: nn.Module, train_dl, steps: 
     log(f"critic stage 1: value loss {losses[0]:.4f} -> {np.mean(losses[-5:]):.4f} over {len(losses)} steps"
         f"{' (trunk trained with it)' if train_trunk else ''}")
     return float(np.mean(losses[-5:]))
+
+# %% ../nbs/08a_critic.ipynb #117a06a4
+class ValueHeadStep(Callback):
+    "Stage 2 with `fit_in_stage2`: step the value head's own optimizer after each step of the model's."
+    order = 96
+    def __init__(self, weighter: CriticWeighter, lr: float = 1e-3):
+        self.weighter, self.opt = weighter, torch.optim.AdamW(weighter.parameters(), lr=lr, weight_decay=0.0)
+    def before_fit(self): self.opt.zero_grad(set_to_none=True)
+    def after_step(self): self.opt.step(); self.opt.zero_grad(set_to_none=True)
 
 # %% ../nbs/08a_critic.ipynb #fe77bfc3
 class _LMLoss:

@@ -23,7 +23,7 @@ from .callbacks import (GradAccumulation, GradClip, WarmupCosine, LRSchedule, Ea
                             CheckpointCallback, TrackingCallback, ProgressCallback, HeadHistory, WeighterState, ConfigHash)
 from .core import launch_env, unwrap_model
 from .weighters import make_weighter
-from .critic import fit_value_head, lm_stage, critic_report
+from .critic import fit_value_head, lm_stage, critic_report, ValueHeadStep
 from .checkpoint import CheckpointManager
 from .run import CHECKPOINTS, PLOTS, HF_DIR, has_checkpoints, save_run_model, write_run_info, export_run, load_run
 from .track import Tracker
@@ -247,11 +247,10 @@ def _start(config: Config, recipe: Recipe) -> tuple[DevicePolicy, wdist.DistCont
 
 # %% ../nbs/11_train.ipynb #72711b39
 def _optimizer(model, weighter, o) -> torch.optim.Optimizer:
-    "AdamW with weight decay on matrices only; a value head joins it only if it keeps learning in stage 2."
-    # the critic's value head is fitted in stage 1 and frozen by default after it: keeping it out of this optimizer
-    # keeps the optimizer's state one model's, which FSDP2 checkpoints save sharded and reshard on load
-    extra = list(weighter.parameters()) if getattr(weighter, "fit_in_stage2", False) else []
-    params = [p for p in model.parameters() if p.requires_grad] + [p for p in extra if p.requires_grad]
+    "AdamW over the model's parameters, with weight decay on matrices only."
+    # the critic's value head is never in it (it learns in stage 2 with an optimizer of its own, `ValueHeadStep`): this
+    # optimizer's state stays one model's, which FSDP2 checkpoints save sharded and reshard on load (2 processes -> 1)
+    params = [p for p in model.parameters() if p.requires_grad]
     seen, decay, no_decay = set(), [], []
     for p in params:  # tied weights appear once
         if id(p) in seen: continue
@@ -297,6 +296,7 @@ def _callbacks(config: Config, recipe: Recipe, opt, manager, tracker, weighter, 
     # several ranks: accumulation also weights each rank's rows by its token count (not a mean of rank means)
     if o.grad_accum > 1 or ctx.world_size > 1: cbs.append(GradAccumulation(o.grad_accum))
     if o.early_stop_patience: cbs.append(EarlyStopping("val_loss", patience=o.early_stop_patience))
+    if recipe.algorithm == "critic" and getattr(weighter, "fit_in_stage2", False): cbs.append(ValueHeadStep(weighter, recipe.weighter.value_lr))
     if ctx.is_main: cbs.append(ProgressCallback(total=o.max_steps, log_every=tr.log_every))
     if ctx.world_size > 1:  # each rank its rows; validation metrics over all ranks' rows, the same on every rank
         cbs += [wdist.RankSlice(ctx.rank, ctx.world_size), wdist.DistributedValidation(ctx)]
