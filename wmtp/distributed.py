@@ -285,7 +285,8 @@ def means_over_ranks(means: WeightedMeans, ctx: DistContext, what: str = "means"
     t = torch.tensor([float(means.sums[k]) for k in keys] + [float(means.counts[k]) for k in keys], dtype=torch.float64, device=ctx.device)
     with collective_errors(ctx, what): dist.all_reduce(t)
     s, c = t[:len(keys)].tolist(), t[len(keys):].tolist()
-    return {k: (a / b if b else float("nan")) for k, a, b in zip(keys, s, c)}
+    out = {k: (a / b if b else float("nan")) for k, a, b in zip(keys, s, c)}
+    return {k: out[k] for k in means.sums}  # in the order they came, as in a one-process run
 
 class DistributedValidation(Callback):
     "After each validation: token-weighted metrics over all ranks in `learn.metrics` (the same on every rank), and the model resharded."
