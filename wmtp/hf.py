@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 
-from .model import MTPOutput, MTPTransformer
+from .core import did_you_mean
+from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, MTPTransformer, SeqModule
 from .stack import stack_heads
 
 # %% auto #0
@@ -108,24 +109,45 @@ class HFMTPConfig:
     d_model: int  # hidden size
     n_layer: int  # decoder layers of the pretrained model
     n_future: int  # heads H; head 0 is the pretrained model
-    n_head_layers: int  # decoder layers per head: the model's last ones, copied for heads 1..H-1
+    n_head_layers: int  # per extra head: copied last decoder layers (parallel, sequential) or residual SiLU blocks (mlp)
     max_seq_len: int  # the model's positions
+    heads: str = "parallel"  # head layout: parallel (Meta) | sequential (DeepSeek-V3) | mlp (Medusa)
 
 def _check_count(name: str, v) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     return v
 
+def _copies(layers: nn.ModuleList, n: int, renumber: bool = False) -> nn.ModuleList:
+    "Deep copies of the last `n` decoder layers; `renumber` moves them to cache slots 0..n-1 (a sequential module keeps its own cache)."
+    out = nn.ModuleList(copy.deepcopy(l) for l in layers[len(layers) - n:])
+    for j, l in enumerate(out if renumber else ()):
+        for m in l.modules():
+            if isinstance(getattr(m, "layer_idx", None), int): m.layer_idx = j
+    return out
+
+def _hf_heads(cfg: HFMTPConfig, layers: nn.ModuleList) -> nn.ModuleList:
+    "The extra heads of a layout: H-1 lists of copied layers (parallel), H-1 `SeqModule`s around copied layers, or one `MLPHeads`."
+    n, L = cfg.n_future - 1, cfg.n_head_layers
+    if cfg.heads == "parallel": return nn.ModuleList(_copies(layers, L) for _ in range(n))
+    if cfg.heads == "mlp": return nn.ModuleList([MLPHeads(cfg, n)] if n else [])  # zero: each new head predicts what head 0 predicts
+    mods = nn.ModuleList(SeqModule(cfg, _copies(layers, L, renumber=True)) for _ in range(n))
+    for m in mods:  # [I | 0]: a new module starts from the previous depth's state, the embedding's share is learned
+        with torch.no_grad(): m.combine.weight.zero_()[:, :cfg.d_model].fill_diagonal_(1.0)
+    return mods
+
 class HFMTPModel(nn.Module):
-    "A Hugging Face causal LM with MTP heads (copies of its last decoder layers on their input), with `MTPTransformer`'s face."
-    def __init__(self, lm: nn.Module, n_future: int = 4, n_head_layers: int = 1):
+    "A Hugging Face causal LM with MTP heads in one of three layouts, with `MTPTransformer`'s face."
+    def __init__(self, lm: nn.Module, n_future: int = 4, n_head_layers: int = 1, heads: str = "parallel"):
         super().__init__()
         base, layers, norm, out = find_parts(lm)
         _check_count("n_future", n_future); _check_count("n_head_layers", n_head_layers)
-        if n_head_layers > len(layers): raise ValueError(f"n_head_layers={n_head_layers} > the model's {len(layers)} decoder layers")
+        if heads not in HEAD_LAYOUTS: raise ValueError(f"heads must be one of {', '.join(HEAD_LAYOUTS)}, got {heads!r}{did_you_mean(str(heads), HEAD_LAYOUTS)}")
+        if heads != "mlp" and n_head_layers > len(layers): raise ValueError(f"n_head_layers={n_head_layers} > the model's {len(layers)} decoder layers")
         self.lm = lm
-        self.heads = nn.ModuleList(nn.ModuleList(copy.deepcopy(l) for l in layers[len(layers) - n_head_layers:]) for _ in range(n_future - 1))
         self.cfg = HFMTPConfig(vocab_size=out.weight.shape[0], d_model=out.weight.shape[1], n_layer=len(layers), n_future=n_future,
-                               n_head_layers=n_head_layers, max_seq_len=int(getattr(_text_config(lm), "max_position_embeddings", None) or 2**31 - 1))
+                               n_head_layers=n_head_layers, max_seq_len=int(getattr(_text_config(lm), "max_position_embeddings", None) or 2**31 - 1),
+                               heads=heads)
+        self.heads = _hf_heads(self.cfg, layers).to(device=out.weight.device, dtype=out.weight.dtype)
         self._parts = (base, layers, norm)  # a tuple: plain references, not a second registration of these submodules
         self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"  # renamed in transformers 5.x
         self.train(lm.training)  # the wrapper starts in the model's mode (eval after from_pretrained), and keeps it in one
@@ -173,6 +195,9 @@ def _swap_cache(args, kwargs, cache):
     C = _transformers().Cache
     return (tuple(cache if isinstance(a, C) else a for a in args), {k: cache if isinstance(v, C) else v for k, v in kwargs.items()})
 
+_SEQ_CACHE = ("a cached forward of sequential heads runs the model only (n_heads=1): module k at t needs token t+k, "
+              "which a cached pass has not seen yet (generate(..., speculative=True) drafts with the modules)")
+
 @patch
 def _check_inputs(self: HFMTPModel, input_ids, logits, kv_cache, H, attention_mask=None):
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -183,17 +208,57 @@ def _check_inputs(self: HFMTPModel, input_ids, logits, kv_cache, H, attention_ma
     start = 0 if kv_cache is None else kv_cache.length
     if start + input_ids.shape[1] > self.cfg.max_seq_len:
         raise ValueError(f"sequence too long: {start} cached + {input_ids.shape[1]} new positions > the model's {self.cfg.max_seq_len} positions")
+    if kv_cache is not None and self.cfg.heads == "sequential" and H > 1: raise ValueError(_SEQ_CACHE)
     if kv_cache is not None and kv_cache.n_heads != H: raise ValueError(f"kv_cache is for {kv_cache.n_heads} heads, not n_heads={H}: use model.new_cache(n_heads)")
     if attention_mask is not None:
         if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
         if kv_cache is not None: raise ValueError("attention_mask with a kv_cache is not supported: decode unpadded sequences")
 
+# %% ../nbs/04a_hf.ipynb #24d4dfe6
+def _layer_args(seen: dict) -> tuple[tuple, dict]:
+    "A decoder layer's captured (args, kwargs), its hidden-state input first in args."
+    args, kwargs = seen["a"], dict(seen["k"])
+    return (args, kwargs) if args else ((kwargs.pop("hidden_states"),), kwargs)
+
+def _run_module(mod: SeqModule, h: Tensor, e: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    "A sequential module on depth k-1's `h` and the embeddings `e` of tokens t+k: mix, then its copied layers called as the decoder calls them."
+    y = mod.mix(h, e)
+    for layer in mod.blocks: y = _first(layer(y, *args, **kwargs))
+    return y
+
+@patch
+def _heads_parallel(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_cache) -> list[Tensor]:
+    "Heads 1..H-1: each its copied layers on the input of the model's own, writing its own cache."
+    outs = []
+    for k, head in enumerate(self.heads[:H - 1]):
+        a, kwa = _swap_cache(args, kwargs, None if kv_cache is None else kv_cache.caches[k + 1])
+        h = x
+        for layer in head: h = _first(layer(h, *a, **kwa))
+        outs.append(self._parts[2](h))
+    return outs
+
+@patch
+def _heads_mlp(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_cache) -> list[Tensor]:
+    "Heads 1..H-1: head 0's normed state plus each head's residual SiLU MLP (no norm after: zero weights give head 0 exactly)."
+    return list((h0.unsqueeze(-2) + self.heads[0](h0, H - 1)).unbind(-2)) if H > 1 else []
+
+@patch
+def _heads_sequential(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_cache) -> list[Tensor]:
+    "Modules 1..H-1 in turn: module k reads depth k-1 (depth 0: the decoder's output) and the embedding of token t+k."
+    if H == 1: return []
+    a, kwa = _swap_cache(args, kwargs, None)  # training forward only (a cached pass runs no module)
+    emb, S, outs, h = self.lm.get_input_embeddings()(input_ids), input_ids.shape[1], [], x
+    for k, mod in enumerate(self.heads[:H - 1], start=1):
+        h = _run_module(mod, h, F.pad(emb[:, k:], (0, 0, 0, min(k, S))), a, kwa)  # past the end no token t+k: zeros (no target there)
+        outs.append(self._parts[2](h))
+    return outs
+
 # %% ../nbs/04a_hf.ipynb #c8016b62
 @patch
 def forward(self: HFMTPModel, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits: str | None = None,
             kv_cache: HFCache | None = None, n_heads: int | None = None) -> MTPOutput:
-    "Hidden states [B,S,H,D] of every head after the final norm, the trunk (the head layers' input), and logits if asked."
+    "Hidden states [B,S,H,D] of every head after the final norm, the trunk (the head layers' input, or the final norm's), and logits if asked."
     H = self.n_future if n_heads is None else n_heads
     self._check_inputs(input_ids, logits, kv_cache, H, attention_mask)
     base, layers, norm = self._parts
@@ -201,18 +266,16 @@ def forward(self: HFMTPModel, input_ids: Tensor, attention_mask: Tensor | None =
     if attention_mask is not None:
         mask = attention_mask.long()
         kw.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    seen = {}
-    hook = layers[len(layers) - self.cfg.n_head_layers].register_forward_pre_hook(lambda m, a, k: seen.update(a=a, k=k), with_kwargs=True)
+    par, seen = self.cfg.heads == "parallel", {}
+    hooks = [layers[len(layers) - self.cfg.n_head_layers if par else -1].register_forward_pre_hook(
+        lambda m, a, k: seen.update(a=a, k=k), with_kwargs=True)]
+    if not par: hooks.append(norm.register_forward_pre_hook(lambda m, a: seen.update(x=a[0])))  # the decoder's output, before the final norm
     try: h0 = _first(base(input_ids, **kw))
-    finally: hook.remove()
-    args, kwargs = seen["a"], dict(seen["k"])
-    x, args = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), args)
-    outs = [h0]
-    for k, head in enumerate(self.heads[:H - 1]):
-        a, kwa = _swap_cache(args, kwargs, None if kv_cache is None else kv_cache.caches[k + 1])
-        h = x
-        for layer in head: h = _first(layer(h, *a, **kwa))
-        outs.append(norm(h))
+    finally:
+        for h in hooks: h.remove()
+    args, kwargs = _layer_args(seen)
+    x = seen.pop("x", args[0])
+    outs = [h0] + getattr(self, f"_heads_{self.cfg.heads}")(x, h0, input_ids, args[1:], kwargs, H, kv_cache)
     if kv_cache is not None: kv_cache.length += input_ids.shape[1]
     W, lg = self.unembedding, None
     if logits == "head0": lg = F.linear(h0, W)
@@ -224,7 +287,12 @@ for _name in ("generate", "_decode", "_head_logits"): setattr(HFMTPModel, _name,
 
 @patch
 def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
-    "Self-speculative greedy decoding of one sequence [1,S]: heads 1..H-1 draft, head 0 verifies, every cache cropped to the accepted length."
+    "Self-speculative greedy decoding of one sequence [1,S] with the extra heads as drafts: identical to greedy head 0."
+    return (self._speculate_parallel if self.cfg.heads == "parallel" else self._speculate_drafts)(ids, max_new_tokens)
+
+@patch
+def _speculate_parallel(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
+    "Parallel heads run in every pass (their caches must follow the model's); the drafts come from the last accepted position."
     cache, W, new, n_new, passes, accepted = self.new_cache(), self.unembedding, [], 0, 1, 0
     guess = F.linear(self(ids, kv_cache=cache).hidden[0, -1], W).argmax(-1)  # [H]: the sure token, then the drafts
     while n_new < max_new_tokens:
@@ -237,6 +305,65 @@ def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
         cache.crop(start + 1 + a)
         guess = pred[a]
     return torch.cat([ids, torch.cat(new)[:max_new_tokens][None]], dim=1), dict(forward_passes=passes, accepted_drafts=accepted)
+
+# %% ../nbs/04a_hf.ipynb #04889d11
+class _Stop(Exception): "Raised by a hook to stop the base model at its first decoder layer."
+
+def _stop(m, a, k): raise _Stop((a, k))
+
+@patch
+def _layer_inputs(self: HFMTPModel, cache, T: int) -> tuple[tuple, dict]:
+    "The arguments the decoder gives its layers for `T` new positions after those in `cache` (the base model stops before its first layer)."
+    base, layers, _ = self._parts
+    hook = layers[0].register_forward_pre_hook(_stop, with_kwargs=True)
+    try: base(inputs_embeds=self.unembedding.new_zeros(1, T, self.cfg.d_model), use_cache=True, **{self._cache_kw: cache})
+    except _Stop as e: args, kwargs = _layer_args(dict(zip("ak", e.args[0])))
+    else: raise RuntimeError(f"{type(base).__name__} did not call its first decoder layer")
+    finally: hook.remove()
+    return args[1:], kwargs
+
+@patch
+def _draft_mlp(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Tensor, m: int) -> Tensor:
+    "The first m MLP heads at p' only, on head 0's normed state `n[0, -1]`."
+    n = n[0, -1]
+    return F.linear(n + self.heads[0](n, m), self.unembedding).argmax(-1)
+
+@patch
+def _draft_sequential(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Tensor, m: int) -> Tensor:
+    "Modules 1..m one after the other at p', module k fed draft k-1 (or the sure token) as token p'+k; `x` [1,T,D] is depth 0 at the new positions."
+    p, hid, emb, norm = seq.numel() - 2, st["hidden"], self.lm.get_input_embeddings(), self._parts[2]  # seq ends with the sure token, at p'+1
+    if hid[0] is None: hid[:] = [x.new_zeros(1, st["length"], x.shape[-1]) for _ in hid]
+    hid[0][:, p + 1 - x.shape[1]:p + 1] = x
+    toks = seq
+    for k in range(1, m + 1):
+        cache = st["caches"][k - 1]
+        c = cache.get_seq_length()  # positions 0..c-1 are final: their token t+k was sure when computed
+        h = _run_module(self.heads[k - 1], hid[k - 1][:, c:p + 1], emb(toks[c + k:p + k + 1])[None], *self._layer_inputs(cache, p + 1 - c))
+        for l in (l for l in cache.layers if k > 1 and l.is_initialized): l.crop(-min(k - 1, p + 1))  # keep positions whose token t+k is sure: up to p+1-k
+        if k < m: hid[k][:, c:p + 1] = h
+        toks = torch.cat([toks, F.linear(norm(h[0, -1]), self.unembedding).argmax(-1, keepdim=True)])
+    return toks[seq.numel():]
+
+@patch
+def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
+    "MLP or sequential heads draft at the last accepted position; the model alone verifies in one cached pass."
+    W, S, n_extra = self.unembedding, ids.shape[1], self.n_future - 1
+    cache = self.new_cache(n_heads=1)
+    st = dict(length=S + max_new_tokens, hidden=[None] * n_extra, caches=[_transformers().DynamicCache(config=self.lm.config) for _ in range(n_extra)])
+    out = self(ids, kv_cache=cache, n_heads=1)  # prefill: the model over the prompt
+    seq = torch.cat([ids[0], F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])  # the prompt, then the first sure token
+    x, n, passes, accepted = out.trunk, out.hidden[:, :, 0], 1, 0
+    while (left := S + max_new_tokens - seq.numel()) > 0:
+        m = min(n_extra, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
+        drafts = getattr(self, f"_draft_{self.cfg.heads}")(st, x, n, seq, m) if m > 0 else seq[:0]
+        start = cache.length
+        out = self(torch.cat([seq[-1:], drafts])[None], kv_cache=cache, n_heads=1)  # verify: the sure token, then the drafts
+        pred = F.linear(out.hidden[0, :, 0], W).argmax(-1)  # head 0's token after each fed one
+        a = int((pred[:-1] == drafts).long().cumprod(0).sum())  # drafts accepted: all before the first mismatch
+        cache.crop(start + 1 + a)
+        seq = torch.cat([seq, drafts[:a], pred[a:a + 1]])
+        x, n, passes, accepted = out.trunk[:, :1 + a], out.hidden[:, :1 + a, 0], passes + 1, accepted + a
+    return seq[None], dict(forward_passes=passes, accepted_drafts=accepted)
 
 # %% ../nbs/04a_hf.ipynb #44a0a8f5
 def _verify_head0(model: HFMTPModel):
@@ -267,13 +394,14 @@ def _load_heads(path: Path, model: HFMTPModel) -> dict:
     if not path.is_file(): raise FileNotFoundError(f"{path.parent} has {MTP_CONFIG} but no {MTP_HEADS}")
     sd, want = load_file(str(path), device=str(model.unembedding.device)), model.heads.state_dict()
     if set(sd) != set(want) or any(sd[k].shape != want[k].shape for k in want):
-        raise ValueError(f"{path} does not fit {type(model.lm).__name__} with n_future={model.n_future}, n_head_layers={model.cfg.n_head_layers}")
+        raise ValueError(f"{path} does not fit {type(model.lm).__name__} with heads={model.cfg.heads!r}, n_future={model.n_future}, n_head_layers={model.cfg.n_head_layers}")
     return sd
 
 # %% ../nbs/04a_hf.ipynb #99ed1383
 def from_pretrained(path_or_id: str | Path, # a local folder, a wmtp `hf/` export, or a Hugging Face Hub id
                     n_future: int | None = None, # heads H (head 0 is the model); None: what an export saved, else 4
-                    n_head_layers: int | None = None, # decoder layers per head; None: what an export saved, else 1
+                    n_head_layers: int | None = None, # per head: decoder layers (parallel, sequential) or MLP blocks; None: what an export saved, else 1
+                    heads: str | None = None, # layout: parallel | sequential | mlp; None: what an export saved, else parallel
                     trust_remote_code: bool = False, # run model code shipped with the checkpoint: only for code you trust
                     check: bool = True, # verify head 0 against the model's own logits on a few tokens
                     **options, # for `AutoModelForCausalLM.from_pretrained`, e.g. dtype=torch.bfloat16
@@ -284,17 +412,20 @@ def from_pretrained(path_or_id: str | Path, # a local folder, a wmtp `hf/` expor
     if local and not os.path.isdir(src): raise FileNotFoundError(f"no such model folder: {src}")
     if local and not os.path.isfile(os.path.join(src, "config.json")): raise ValueError(f"{src} is not a Hugging Face model folder (no config.json)")
     saved = json.loads(Path(src, MTP_CONFIG).read_text()) if local and os.path.isfile(os.path.join(src, MTP_CONFIG)) else None
-    for k, v in (("n_future", n_future), ("n_head_layers", n_head_layers)):
+    if saved: saved.setdefault("heads", "parallel")  # exports from before the layouts
+    for k, v in (("n_future", n_future), ("n_head_layers", n_head_layers), ("heads", heads)):
         if saved and v is not None and v != saved[k]: raise ValueError(f"{src} holds an MTP model with {k}={saved[k]}, not {v}")
     n_future = _check_count("n_future", saved["n_future"] if saved else 4 if n_future is None else n_future)
     n_head_layers = _check_count("n_head_layers", saved["n_head_layers"] if saved else 1 if n_head_layers is None else n_head_layers)
+    heads = saved["heads"] if saved else heads or "parallel"
+    if heads not in HEAD_LAYOUTS: raise ValueError(f"heads must be one of {', '.join(HEAD_LAYOUTS)}, got {heads!r}{did_you_mean(str(heads), HEAD_LAYOUTS)}")
     tf = _transformers()
     try: lm = tf.AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust_remote_code, **options)
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e): raise
         raise ValueError(f"{src} is not a causal language model ({str(e).splitlines()[0][:160]}); wmtp.hf supports {SUPPORTED}") from e
     except OSError as e: raise OSError(f"cannot load {src!r}: not a local model folder, nor a Hub id transformers could fetch ({e})") from e
-    model = HFMTPModel(lm, n_future, n_head_layers)
+    model = HFMTPModel(lm, n_future, n_head_layers, heads)
     if saved: model.heads.load_state_dict(_load_heads(Path(src, MTP_HEADS), model))
     if check: _verify_head0(model)
     return model
@@ -350,7 +481,8 @@ def save_hf(model: HFMTPModel, # the model to export (unwrapped: not an FSDP or 
         model.lm.save_pretrained(tmp)
         if tok is not None: tok.save_pretrained(tmp)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}, str(tmp / MTP_HEADS))
-        (tmp / MTP_CONFIG).write_text(json.dumps({"format": "wmtp.hf/1", "n_future": model.n_future, "n_head_layers": model.cfg.n_head_layers}, indent=1))
+        (tmp / MTP_CONFIG).write_text(json.dumps({"format": "wmtp.hf/1", "heads": model.cfg.heads, "n_future": model.n_future,
+                                                  "n_head_layers": model.cfg.n_head_layers}, indent=1))
         if d.exists(): d.rmdir()
         tmp.rename(d)
     finally: shutil.rmtree(tmp, ignore_errors=True)
