@@ -1,0 +1,50 @@
+"""`wmtp train model.pretrained=... model.heads=mlp|sequential` end to end on a tiny local Llama, then `wmtp eval` and the export."""
+import json, os, subprocess, sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _wmtp(*args):
+    cmd = [sys.executable, "-m", "wmtp.cli", *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from wmtp.hf import tiny_model
+    return tiny_model(tmp_path_factory.mktemp("hf") / "llama", "llama")
+
+
+@pytest.mark.parametrize("heads", ["mlp", "sequential"])
+def test_pretrained_run_with_a_head_layout(llama, tmp_path, heads):
+    "Train a few steps, then: run.json and the export record the layout, plain transformers gives head 0, every head comes back, eval decodes identically."
+    from transformers import AutoModelForCausalLM
+    from wmtp.hf import MTP_CONFIG, from_pretrained
+    from wmtp.run import load_run
+    out = tmp_path / heads
+    res = _wmtp("train", "--recipe", "pretrained", "--out", out, f"model.pretrained={llama}", f"model.heads={heads}", "optim.lr=3e-3",
+                "--quick", "tracking.enabled=false", "max_steps=6", "save_interval=3")
+    assert "HF export" in res.stdout
+    info = json.loads((out / "run.json").read_text())
+    assert info["model_config"]["heads"] == heads and json.loads((out / "hf" / MTP_CONFIG).read_text())["heads"] == heads
+    run = load_run(out).model
+    assert run.cfg.heads == heads
+    x = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = run(x, logits="all").logits
+        plain = AutoModelForCausalLM.from_pretrained(out / "hf").eval()(x).logits
+        back = from_pretrained(out / "hf")
+        assert back.cfg.heads == heads
+        torch.testing.assert_close(plain, ours[:, :, 0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(back(x, logits="all").logits, ours, rtol=0, atol=0)
+    assert not torch.allclose(ours[:, :, 1], ours[:, :, 0], atol=1e-4)  # the extra heads trained apart from head 0
+    res = _wmtp("eval", out, "--k", "1", "--max-problems", "1", "--max-new-tokens", "16", "--valid-batches", "1", "--repeats", "1",
+                "--tasks", "builtin", "--no-track")
+    assert "outputs identical: yes" in res.stdout and "| head 1 | t+2 |" in res.stdout
