@@ -48,3 +48,23 @@ def test_pretrained_run_with_a_head_layout(llama, tmp_path, heads):
     res = _wmtp("eval", out, "--k", "1", "--max-problems", "1", "--max-new-tokens", "16", "--valid-batches", "1", "--repeats", "1",
                 "--tasks", "builtin", "--no-track")
     assert "outputs identical: yes" in res.stdout and "| head 1 | t+2 |" in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads", ["mlp", "sequential"])
+def test_fsdp2_two_processes_equal_one(llama, tmp_path, heads):
+    "torchrun with 2 gloo processes trains the layout as 1 process does: validation losses (rtol 1e-5) and weights."
+    from conftest import free_port
+    from safetensors.torch import load_file
+    args = ["train", f"model.pretrained={llama}", f"model.heads={heads}", "--quick", "tracking.enabled=false", "max_steps=4", "save_interval=4"]
+    _wmtp(*args, "--out", tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "wmtp.cli", *args, "--out", str(tmp_path / "two")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    i1, i2 = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two"))
+    assert i2["world_size"] == 2
+    torch.testing.assert_close(torch.tensor(i2["final_val_loss_per_head"]), torch.tensor(i1["final_val_loss_per_head"]), rtol=1e-5, atol=0)
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a: torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)

@@ -20,8 +20,8 @@ from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, MTPTransformer, SeqModule
 from .stack import stack_heads
 
 # %% auto #0
-__all__ = ['SUPPORTED', 'TINY_ARCHS', 'MTP_CONFIG', 'MTP_HEADS', 'find_parts', 'tiny_model', 'HFMTPConfig', 'HFMTPModel',
-           'HFCache', 'from_pretrained', 'HFTokenizer', 'load_tokenizer', 'save_hf']
+__all__ = ['SUPPORTED', 'TINY_ARCHS', 'MTP_CONFIG', 'MTP_HEADS', 'find_parts', 'tiny_model', 'HFMTPConfig', 'HFSeqModule',
+           'HFMTPModel', 'HFCache', 'from_pretrained', 'HFTokenizer', 'load_tokenizer', 'save_hf']
 
 # %% ../nbs/04a_hf.ipynb #2d63fe3f
 def _transformers():
@@ -125,12 +125,20 @@ def _copies(layers: nn.ModuleList, n: int, renumber: bool = False) -> nn.ModuleL
             if isinstance(getattr(m, "layer_idx", None), int): m.layer_idx = j
     return out
 
+class HFSeqModule(SeqModule):
+    "`SeqModule` around copies of a pretrained model's decoder layers, called with the arguments the decoder gives its own layers."
+    def forward(self, h: Tensor, e: Tensor, args: tuple = (), kwargs: dict | None = None) -> Tensor:
+        "Depth k's hidden [B,T,D] from depth k-1's `h` and the embeddings `e` of tokens t+k (FSDP2 gathers the weights around this call)."
+        y = self.mix(h, e)
+        for layer in self.blocks: y = _first(layer(y, *args, **(kwargs or {})))
+        return y
+
 def _hf_heads(cfg: HFMTPConfig, layers: nn.ModuleList) -> nn.ModuleList:
-    "The extra heads of a layout: H-1 lists of copied layers (parallel), H-1 `SeqModule`s around copied layers, or one `MLPHeads`."
+    "The extra heads of a layout: H-1 lists of copied layers (parallel), H-1 `HFSeqModule`s around copied layers, or one `MLPHeads`."
     n, L = cfg.n_future - 1, cfg.n_head_layers
     if cfg.heads == "parallel": return nn.ModuleList(_copies(layers, L) for _ in range(n))
     if cfg.heads == "mlp": return nn.ModuleList([MLPHeads(cfg, n)] if n else [])  # zero: each new head predicts what head 0 predicts
-    mods = nn.ModuleList(SeqModule(cfg, _copies(layers, L, renumber=True)) for _ in range(n))
+    mods = nn.ModuleList(HFSeqModule(cfg, _copies(layers, L, renumber=True)) for _ in range(n))
     for m in mods:  # [I | 0]: a new module starts from the previous depth's state, the embedding's share is learned
         with torch.no_grad(): m.combine.weight.zero_()[:, :cfg.d_model].fill_diagonal_(1.0)
     return mods
@@ -221,12 +229,6 @@ def _layer_args(seen: dict) -> tuple[tuple, dict]:
     args, kwargs = seen["a"], dict(seen["k"])
     return (args, kwargs) if args else ((kwargs.pop("hidden_states"),), kwargs)
 
-def _run_module(mod: SeqModule, h: Tensor, e: Tensor, args: tuple, kwargs: dict) -> Tensor:
-    "A sequential module on depth k-1's `h` and the embeddings `e` of tokens t+k: mix, then its copied layers called as the decoder calls them."
-    y = mod.mix(h, e)
-    for layer in mod.blocks: y = _first(layer(y, *args, **kwargs))
-    return y
-
 @patch
 def _heads_parallel(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_cache) -> list[Tensor]:
     "Heads 1..H-1: each its copied layers on the input of the model's own, writing its own cache."
@@ -250,7 +252,7 @@ def _heads_sequential(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_ca
     a, kwa = _swap_cache(args, kwargs, None)  # training forward only (a cached pass runs no module)
     emb, S, outs, h = self.lm.get_input_embeddings()(input_ids), input_ids.shape[1], [], x
     for k, mod in enumerate(self.heads[:H - 1], start=1):
-        h = _run_module(mod, h, F.pad(emb[:, k:], (0, 0, 0, min(k, S))), a, kwa)  # past the end no token t+k: zeros (no target there)
+        h = mod(h, F.pad(emb[:, k:], (0, 0, 0, min(k, S))), a, kwa)  # past the end no token t+k: zeros (no target there)
         outs.append(self._parts[2](h))
     return outs
 
@@ -338,7 +340,7 @@ def _draft_sequential(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Ten
     for k in range(1, m + 1):
         cache = st["caches"][k - 1]
         c = cache.get_seq_length()  # positions 0..c-1 are final: their token t+k was sure when computed
-        h = _run_module(self.heads[k - 1], hid[k - 1][:, c:p + 1], emb(toks[c + k:p + k + 1])[None], *self._layer_inputs(cache, p + 1 - c))
+        h = self.heads[k - 1](hid[k - 1][:, c:p + 1], emb(toks[c + k:p + k + 1])[None], *self._layer_inputs(cache, p + 1 - c))
         for l in (l for l in cache.layers if k > 1 and l.is_initialized): l.crop(-min(k - 1, p + 1))  # keep positions whose token t+k is sure: up to p+1-k
         if k < m: hid[k][:, c:p + 1] = h
         toks = torch.cat([toks, F.linear(norm(h[0, -1]), self.unembedding).argmax(-1, keepdim=True)])
