@@ -4,13 +4,13 @@ Each run is tests/_dist_worker.py, started alone or under `python -m torch.distr
 Tolerances: fp32 on CPU; a 2-process run differs from the 1-process run only in the order of float
 sums (gradient reduce-scatter, norm all-reduce), so losses and norms agree to rtol 1e-5.
 """
-import json, os, shutil, signal, subprocess, sys
+import json, os, re, shutil, signal, subprocess, sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port as _port, subprocess_env as _env
+from conftest import free_port as _port, subprocess_env as _env, logged_training_metrics, assert_same_training_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_dist_worker.py"
@@ -184,6 +184,18 @@ def _check_run(out: Path, p: subprocess.CompletedProcess, steps: int, world: int
     assert "validation loss per head" in p.stdout, p.stdout[-2000:]
     assert all(v == v and v > 0 for v in info["final_val_loss_per_head"])  # finite, not NaN
     assert p.stdout.count("wmtp train: finished") == 1  # only rank 0 prints the summary
+
+
+def test_cli_logged_training_loss_is_over_all_ranks(tmp_path):
+    "Under torchrun the training loss, per-head CE and gradient norm shown and logged are the whole batch's: equal to 1 process."
+    args = ["max_steps=10", "tracking.log_every=5", "optim.eval_interval=10", "checkpoints.save_interval=10"]
+    p1, p2 = _cli(1, tmp_path / "one", *args), _cli(2, tmp_path / "two", *args)
+    one, two = logged_training_metrics(tmp_path / "one"), logged_training_metrics(tmp_path / "two")
+    assert [s for s, _ in one["train_loss"]] == [5, 10] and {"train_ce_h0", "train_ce_h3"} <= set(one)
+    worst = assert_same_training_metrics(one, two, rtol=1e-5)
+    print(f"largest relative difference, 2 processes vs 1: {worst:.2e}")
+    shown = [re.findall(r"^step (\d+)/10  loss (\S+)", p.stdout, re.M) for p in (p1, p2)]
+    assert len(shown[0]) == 2 and shown[0] == shown[1], shown  # the progress lines rank 0 prints: the same rounded loss
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import logged_training_metrics, assert_same_training_metrics
+
 pytest.importorskip("transformers")
 
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -141,12 +143,17 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(models, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_and_resume_with_one(models, tmp_path):
-    "torchrun with 2 gloo processes: the same validation losses (rtol 1e-5) and weights as 1 process; its checkpoint resumes with 1."
-    args = [f"model.pretrained={models['llama']}", "--quick", "tracking.enabled=false", "max_steps=8", "save_interval=4"]
+    """torchrun with 2 gloo processes: the same training loss, per-head CE and gradient norm at every step (logged to MLflow,
+    rtol 1e-5), validation losses and weights as 1 process; its checkpoint resumes with 1."""
+    args = [f"model.pretrained={models['llama']}", "--quick", "tracking.log_every=1", "max_steps=8", "save_interval=4"]
     _wmtp("train", "--out", tmp_path / "one", *args)
     _wmtp("train", "--out", tmp_path / "two", *args, nproc=2)
     i1, i2 = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two"))
     assert i2["world_size"] == 2
+    one, two = logged_training_metrics(tmp_path / "one"), logged_training_metrics(tmp_path / "two")
+    assert [s for s, _ in one["train_loss"]] == list(range(1, 9)) and {"train_ce_h0", "train_ce_h3"} <= set(one)
+    worst = assert_same_training_metrics(one, two, rtol=1e-5)
+    print(f"largest relative difference of the logged training metrics, 2 processes vs 1: {worst:.2e}")
     torch.testing.assert_close(torch.tensor(i2["final_val_loss_per_head"]), torch.tensor(i1["final_val_loss_per_head"]), rtol=1e-5, atol=0)
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert sorted(a) == sorted(b)

@@ -19,7 +19,7 @@ from .track import Tracker
 
 # %% auto #0
 __all__ = ['GradAccumulation', 'GradClip', 'WarmupCosine', 'LRSchedule', 'EarlyStopping', 'NonFiniteGuard', 'CheckpointCallback',
-           'TrackingCallback', 'ProgressCallback', 'HeadHistory', 'WeighterState', 'ConfigHash']
+           'interval_means', 'TrackingCallback', 'ProgressCallback', 'HeadHistory', 'WeighterState', 'ConfigHash']
 
 # %% ../nbs/07a_callbacks.ipynb #0c09672e
 class GradAccumulation(Callback):
@@ -202,6 +202,11 @@ class CheckpointCallback(Callback):
     after_cancel_fit = after_fit
 
 # %% ../nbs/07a_callbacks.ipynb #6d02a2b1
+def interval_means(learn, local) -> dict[str, float]:
+    "The training means a callback published for this step over all ranks (`learn.train_means`), else `local()`, this process's own."
+    shared = getattr(learn, "train_means", None)
+    return shared[1] if shared is not None and shared[0] == learn.step else local()
+
 class TrackingCallback(Callback):
     "Log params, interval means of loss and extras, lr, grad norm, device and validation metrics to a `Tracker`."
     order = 95
@@ -217,7 +222,7 @@ class TrackingCallback(Callback):
     def after_step(self):
         l = self.learn
         if l.step % self.log_every: return
-        m = {f"train_{k}": v for k, v in self.means.means().items()}
+        m = {f"train_{k}": v for k, v in interval_means(l, self.means.means).items()}
         m["lr"] = l.opt.param_groups[0]["lr"]
         if getattr(l, "grad_norm", None) is not None: m["grad_norm"] = _value(l.grad_norm)
         self.tracker.log_metrics(m, l.step)
@@ -262,7 +267,7 @@ class ProgressCallback(Callback):
     def after_step(self):
         step, m = min(self.learn.step, self.progress.total), None
         if step % self.log_every == 0 or step == self.progress.total:
-            m, self.means = {"loss": self.means.means()["loss"]}, WeightedMeans()
+            m, self.means = {"loss": interval_means(self.learn, self.means.means)["loss"]}, WeightedMeans()
         self.progress.update(step, m)
     def after_validate(self):
         if getattr(self, "active", False): self.progress.metrics.update(self.learn.metrics)
@@ -281,7 +286,9 @@ class HeadHistory(Callback):
             a, b = self.sums.get(k, (0.0, 0.0)); self.sums[k] = (a + float(s), b + float(c))
     def after_step(self):
         if self.learn.step % self.every: return
-        self.history.append((self.learn.step, {k.replace("ce_", "head "): s / max(c, 1) for k, (s, c) in self.sums.items()}))
+        local = lambda: {k: s / max(c, 1) for k, (s, c) in self.sums.items()}
+        means = interval_means(self.learn, local)
+        self.history.append((self.learn.step, {k.replace("ce_", "head "): v for k, v in means.items() if k.startswith("ce_")}))
         self.sums = {}
 
 # %% ../nbs/07a_callbacks.ipynb #84a96ab5

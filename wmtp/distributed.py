@@ -17,14 +17,15 @@ from torch.utils.data import DistributedSampler
 
 from . import core
 from .core import is_distributed, is_main, launch_env
-from .learner import Callback
+from .learner import Callback, WeightedMeans
 from .callbacks import GradClip
 
 # %% auto #0
 __all__ = ['DistGradScaler', 'DistContext', 'init_distributed', 'shutdown_distributed', 'rank0_print', 'barrier',
            'all_reduce_mean', 'RankFailure', 'collective_errors', 'mixed_precision', 'shard_model', 'replicate_module',
            'place_weighter', 'grad_norm', 'clip_grad_norm', 'DistGradClip', 'distributed_sampler', 'set_sampler_epoch',
-           'DistributedSamplerCallback', 'reshard', 'DistributedValidation', 'RankSlice']
+           'DistributedSamplerCallback', 'reshard', 'means_over_ranks', 'DistributedValidation',
+           'DistributedTrainMeans', 'RankSlice']
 
 # %% ../nbs/10_distributed.ipynb #d9de860e
 class DistGradScaler(torch.amp.GradScaler):
@@ -277,6 +278,16 @@ def reshard(model: nn.Module) -> nn.Module:
         if isinstance(m, FSDPModule): m.reshard()
     return model
 
+def means_over_ranks(means: WeightedMeans, ctx: DistContext, what: str = "means") -> dict[str, float]:
+    "The token-weighted means of `means` over all ranks: every sum and count in one all-reduce (this rank's own in a one-process run)."
+    if not ctx.enabled: return means.means()
+    keys = sorted(means.sums)  # every rank has the same keys: the loss function returns the same extras
+    t = torch.tensor([float(means.sums[k]) for k in keys] + [float(means.counts[k]) for k in keys], dtype=torch.float64, device=ctx.device)
+    with collective_errors(ctx, what): dist.all_reduce(t)
+    s, c = t[:len(keys)].tolist(), t[len(keys):].tolist()
+    out = {k: (a / b if b else float("nan")) for k, a, b in zip(keys, s, c)}
+    return {k: out[k] for k in means.sums}  # in the order they came, as in a one-process run
+
 class DistributedValidation(Callback):
     "After each validation: token-weighted metrics over all ranks in `learn.metrics` (the same on every rank), and the model resharded."
     order = -40
@@ -286,12 +297,22 @@ class DistributedValidation(Callback):
         reshard(self.learn.model)
         means = getattr(self.learn, "_means", None)
         if means is None: return
-        keys = sorted(means.sums)
-        t = torch.tensor([float(means.sums[k]) for k in keys] + [float(means.counts[k]) for k in keys],
-                         dtype=torch.float64, device=self.ctx.device)
-        with collective_errors(self.ctx, "validation"): dist.all_reduce(t)
-        s, c = t[:len(keys)].tolist(), t[len(keys):].tolist()
-        self.learn.metrics = {f"val_{k}": (a / b if b else float("nan")) for k, a, b in zip(keys, s, c)}
+        self.learn.metrics = {f"val_{k}": v for k, v in means_over_ranks(means, self.ctx, "validation").items()}
+
+# %% ../nbs/10_distributed.ipynb #7be9d4dc
+class DistributedTrainMeans(Callback):
+    "Token-weighted training means (loss, extras) over all ranks every `every` steps and at the last one, in `learn.train_means`."
+    order = 80  # after the step, before the progress (85), tracking (95) and head-history (96) callbacks that read them
+    def __init__(self, ctx: DistContext, every: int):
+        if not (isinstance(every, int) and every >= 1): raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.ctx, self.every = ctx, every
+    def before_fit(self): self.means, self.learn.train_means = WeightedMeans(), None
+    def after_loss(self):
+        if self.learn.training: self.means.add(self.learn.loss, self.learn.n_tokens, self.learn.extras)
+    def after_step(self):
+        l = self.learn
+        if l.step % self.every and l.step != l.fit_max_steps: return
+        l.train_means, self.means = (l.step, means_over_ranks(self.means, self.ctx, "training loss")), WeightedMeans()
 
 # %% ../nbs/10_distributed.ipynb #335b35c1
 class RankSlice(Callback):

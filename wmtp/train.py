@@ -282,8 +282,8 @@ def _callbacks(config: Config, recipe: Recipe, opt, manager, tracker, weighter, 
     if o.grad_accum > 1 or ctx.world_size > 1: cbs.append(GradAccumulation(o.grad_accum))
     if o.early_stop_patience: cbs.append(EarlyStopping("val_loss", patience=o.early_stop_patience))
     if ctx.is_main: cbs.append(ProgressCallback(total=o.max_steps, log_every=tr.log_every))
-    if ctx.world_size > 1:  # each rank its rows; validation metrics over all ranks' rows, the same on every rank
-        cbs += [wdist.RankSlice(ctx.rank, ctx.world_size), wdist.DistributedValidation(ctx)]
+    if ctx.world_size > 1:  # each rank its rows; validation metrics and the training loss shown and logged over all ranks' rows
+        cbs += [wdist.RankSlice(ctx.rank, ctx.world_size), wdist.DistributedValidation(ctx), wdist.DistributedTrainMeans(ctx, tr.log_every)]
     return cbs
 
 # %% ../nbs/11_train.ipynb #f0b6e78e
