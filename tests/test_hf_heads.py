@@ -68,3 +68,24 @@ def test_fsdp2_two_processes_equal_one(llama, tmp_path, heads):
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert sorted(a) == sorted(b)
     for k in a: torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sequential_resume_after_kill_9_equals_an_uninterrupted_run(llama, tmp_path):
+    "SIGKILL a sequential-heads run after a checkpoint, resume: final weights and extra heads equal a straight run's, bit for bit."
+    import signal, time
+    from safetensors.torch import load_file
+    common = [f"model.pretrained={llama}", "model.heads=sequential", "--quick", "tracking.enabled=false", "max_steps=12", "save_interval=4"]
+    _wmtp("train", "--out", tmp_path / "straight", *common)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "wmtp.cli", "train", "--out", str(out), *common, "--resume"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-4").exists() and p.poll() is None and time.time() < deadline: time.sleep(0.02)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL); p.wait()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    for f in ("model.safetensors", "hf/mtp_heads.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / f)), load_file(str(out / f))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), f
