@@ -189,11 +189,19 @@ def _fsdp_rank(rank, world, port, save_dir, plain_dir, out):
         dist.destroy_process_group()
 
 
+def _fsdp_child(*args):
+    "Rank 1's process: its work, then an exit that skips interpreter teardown."
+    _fsdp_rank(*args)  # an error here still ends the process with a non-zero exit code
+    # seen under heavy load: gloo's threads abort a finished process during teardown ("terminate called
+    # without an active exception", exit -6) after all its work is done and checked
+    os._exit(0)
+
+
 def fsdp(save_dir, plain_dir, out):
     "Two ranks on gloo: this process is rank 0, a spawned one rank 1."
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    other = torch.multiprocessing.get_context("spawn").Process(target=_fsdp_rank, args=(1, 2, port, save_dir, plain_dir, out))
+    other = torch.multiprocessing.get_context("spawn").Process(target=_fsdp_child, args=(1, 2, port, save_dir, plain_dir, out))
     other.start()
     try: _fsdp_rank(0, 2, port, save_dir, plain_dir, out)
     finally: other.join(timeout=180)
