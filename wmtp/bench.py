@@ -24,8 +24,9 @@ from .train import MTPLossFn
 
 # %% auto #0
 __all__ = ['BENCH_SIZES', 'MPS_BENCH_LOGITS', 'WEIGHTER_ROWS', 'median_time', 'bench_loss', 'make_train_step', 'bench_backends',
-           'bench_compile', 'bench_weighters', 'side_by_side', 'work_bound', 'bench_heads', 'bench_compile_layouts',
-           'bench_decoding', 'bench_pretrained', 'targets', 'report_markdown', 'plot_report', 'run_bench', 'bench_main']
+           'kernel_share', 'bench_compile', 'bench_weighters', 'side_by_side', 'work_bound', 'bench_heads',
+           'bench_compile_layouts', 'bench_decoding', 'bench_pretrained', 'targets', 'report_markdown', 'plot_report',
+           'run_bench', 'bench_main']
 
 # %% ../nbs/13_bench.ipynb #d5c519e4
 def median_time(fn: Callable[[], object], # the work to time (called warmup + repeats times)
@@ -166,6 +167,17 @@ def bench_backends(devices: list[str], sizes: dict, caps: Capabilities) -> list[
     for r in rows: r["speedup_vs_cpu"] = cpu / r["time_s"] if cpu and r["time_s"] else None
     return rows
 
+_KERNEL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_scaled_dot_product", "aten::_flash_attention")
+
+def kernel_share(step: Callable, sync_fn: Callable = lambda: None) -> float:
+    "The fraction of a step's self CPU time spent in matrix-multiply and attention kernels (what compile leaves to the same libraries)."
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(); sync_fn()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    return sum(e.self_cpu_time_total for e in ev if e.key.startswith(_KERNEL_OPS)) / total if total else float("nan")
+
 def bench_compile(device: str, sizes: dict, quick: bool, heads: str = "parallel") -> dict:
     "The training step with torch.compile on and off; what happened (compiled, eager fallback, skipped)."
     if not sizes["compile"]:
@@ -178,8 +190,9 @@ def bench_compile(device: str, sizes: dict, quick: bool, heads: str = "parallel"
     t0 = time.perf_counter(); step(); pol.synchronize(); first = time.perf_counter() - t0
     (eager_s, compiled), (eager_c, compiled_c) = side_by_side([eager, step], pol.synchronize, sizes["step_repeats"])
     status = "compiled (inductor)" if not pol.notes else "eager fallback: " + "; ".join(pol.notes)
+    share = kernel_share(eager, pol.synchronize) if device == "cpu" else None  # where the eager step's time goes: compile cannot speed up these kernels
     return dict(device=device, heads=heads, status=status, eager_s=eager_s, compiled_s=compiled, first_call_s=first, speedup=eager_s / compiled,
-                cpu_speedup=eager_c / compiled_c)
+                cpu_speedup=eager_c / compiled_c, kernel_share=share)
 
 WEIGHTER_ROWS = ("baseline", "critic-s1", "critic-s2", "rho1-weighted", "rho1-tokenskip")
 
@@ -372,9 +385,9 @@ def report_markdown(res: dict) -> str:
     L += ["", f"## Training step ({res['step_model']})", "", "### Backends", ""]
     L += _table(["backend", "status", "step (s)", "speed-up vs cpu"], [[b["backend"], b["status"], _f(b["time_s"]), _f(b["speedup_vs_cpu"], ".2f")] for b in res["backends"]])
     L += ["", "### torch.compile", ""]
-    L += _table(["device", "heads", "status", "eager (s)", "compiled (s)", "first call (s)", "speed-up", "(CPU time)"],
+    L += _table(["device", "heads", "status", "eager (s)", "compiled (s)", "first call (s)", "speed-up", "(CPU time)", "eager time in matmul/attention"],
                 [[c["device"], c.get("heads", "parallel"), c["status"], _f(c["eager_s"]), _f(c["compiled_s"]), _f(c["first_call_s"], ".1f"), _f(c["speedup"], ".2f"),
-                  _f(c.get("cpu_speedup"), ".2f")] for c in res["compile"]])
+                  _f(c.get("cpu_speedup"), ".2f"), "-" if c.get("kernel_share") is None else f"{c['kernel_share']:.0%}"] for c in res["compile"]])
     L += ["", "### Heads", ""]
     L += _table(["device", "heads", "trunk blocks", "H=1 step (s)", "H=4 step (s)", "H=4 / H=1", "(CPU time)", "work bound", "gap"],
                 [[h["device"], h["heads"], h["trunk_layers"], _f(h["h1_s"]), _f(h["h4_s"]), _f(h["ratio"], ".2f"), _f(h["cpu_ratio"], ".2f"),

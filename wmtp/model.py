@@ -108,17 +108,21 @@ class Block(nn.Module):
 
 # %% ../nbs/04_model.ipynb #8b221a3d
 class SeqModule(nn.Module):
-    "DeepSeek-V3's MTP module: RMSNorm both inputs, concatenate, project 2D->D, then `n_head_layers` blocks."
-    def __init__(self, cfg: MTPConfig):
+    "DeepSeek-V3's MTP module: RMSNorm both inputs, concatenate, project 2D->D, then `n_head_layers` blocks (or the `blocks` given)."
+    def __init__(self, cfg: MTPConfig, blocks: nn.ModuleList | None = None):  # blocks: e.g. copies of a pretrained model's layers (wmtp.hf)
         super().__init__()
         D = cfg.d_model
         self.h_norm, self.e_norm = nn.RMSNorm(D), nn.RMSNorm(D)
         self.combine = nn.Linear(2 * D, D, bias=False)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_head_layers))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_head_layers)) if blocks is None else blocks
+
+    def mix(self, h: Tensor, e: Tensor) -> Tensor:
+        "The blocks' input [B,T,D]: depth k-1's `h` and the embeddings `e` of tokens t+k, each RMS-normed, concatenated, projected."
+        return self.combine(torch.cat([self.h_norm(h), self.e_norm(e)], dim=-1))
 
     def forward(self, h: Tensor, e: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         "Depth k's hidden [B,T,D] from depth k-1's `h` [B,T,D] at t and the embeddings `e` [B,T,D] of tokens t+k."
-        x = self.combine(torch.cat([self.h_norm(h), self.e_norm(e)], dim=-1))
+        x = self.mix(h, e)
         for i, blk in enumerate(self.blocks): x = blk(x, cache, layer + i)
         return x
 

@@ -79,7 +79,8 @@ def _hf_model(run_dir: Path, info: dict) -> nn.Module:
     import torch
     from wmtp.hf import from_pretrained
     mc = info["model_config"]
-    return from_pretrained(_hf_base(run_dir, info), n_future=mc["n_future"], n_head_layers=mc["n_head_layers"], dtype=torch.float32)
+    return from_pretrained(_hf_base(run_dir, info), n_future=mc["n_future"], n_head_layers=mc["n_head_layers"],
+                           heads=mc.get("heads", "parallel"), dtype=torch.float32)  # runs from before the layouts: parallel
 
 def run_tokenizer(info: dict, run_dir=None):
     "The tokenizer a run trained with: the pretrained model's (`wmtp.hf.HFTokenizer`) or the byte tokenizer."

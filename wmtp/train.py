@@ -96,8 +96,7 @@ def _pretrained_model(recipe: Recipe, tokenizer):
     "MTP heads on the recipe's pretrained model (`wmtp.hf`); `model.train=heads` freezes the pretrained model."
     from wmtp.hf import from_pretrained
     m = recipe.model
-    if m.heads != "parallel": raise ConfigError(f"model.heads={m.heads!r}: heads on a pretrained model are copies of its last layers (parallel)")
-    model = from_pretrained(m.pretrained, n_future=m.n_future, n_head_layers=m.n_head_layers, dtype=torch.float32)
+    model = from_pretrained(m.pretrained, n_future=m.n_future, n_head_layers=m.n_head_layers, heads=m.heads, dtype=torch.float32)
     if recipe.data.seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than the pretrained model's {model.cfg.max_seq_len} positions")
     if tokenizer.vocab_size > model.cfg.vocab_size:
