@@ -52,3 +52,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # gloo's threads can abort a finished process during interpreter teardown when the machine is loaded
+    # ("terminate called without an active exception", exit -6): the work is done and written, so skip teardown
+    sys.stdout.flush(); sys.stderr.flush(); os._exit(0)

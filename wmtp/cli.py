@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_cli.ipynb #ec5312e6
 from __future__ import annotations
-import importlib, sys
+import importlib, os, sys
 
 # %% auto #0
 __all__ = ['COMMANDS', 'main']
@@ -43,4 +43,10 @@ def main(argv=None) -> int:
 # %% ../nbs/14_cli.ipynb #cca9d37c
 #| eval: false
 if __name__ == "__main__":  # `python -m wmtp.cli`, as torchrun starts it
-    sys.exit(main())
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a finished rank has destroyed its process group and closed its run; on a loaded machine gloo's threads can
+        # still abort interpreter teardown ("terminate called without an active exception", exit -6), which torchrun
+        # would report as a failed run, so the rank leaves at once with its own exit code
+        sys.stdout.flush(); sys.stderr.flush(); os._exit(rc)
+    sys.exit(rc)
