@@ -60,6 +60,7 @@ BENCH_SIZES = {
         pretrained=dict(V=4096, S=64, B=1, d_model=64, n_layer=2, repeats=1)),
 }
 
+# %% ../nbs/13_bench.ipynb #58e1f327
 def _say(msg: str):
     "Progress on stderr, so stdout carries only the report."
     print(f"[wmtp bench] {msg}", file=sys.stderr, flush=True)
@@ -86,11 +87,13 @@ def _liger_row(shape: dict, device: str, repeats: int) -> dict | None:
 
 MPS_BENCH_LOGITS = 2**27  # the most [B,S,H,V] logits elements the bench builds on MPS (512 MB in fp32)
 
+# %% ../nbs/13_bench.ipynb #9dddf4ca
 def _loss_paths_for(device: str, shape: dict) -> list[str]:
     "The loss paths the bench runs for `shape` on `device`: on MPS, no logits paths above MPS_BENCH_LOGITS."
     n = shape["B"] * shape["S"] * shape["H"] * shape["V"]
     return ["fused"] if device.startswith("mps") and n > MPS_BENCH_LOGITS else ["flatten", "per_head", "fused"]
 
+# %% ../nbs/13_bench.ipynb #8599b528
 def bench_loss(devices: list[str], sizes: dict) -> list[dict]:
     "Time and extra peak memory of every loss path, per device and vocabulary size, with ratios against flatten."
     rows = []
@@ -119,6 +122,7 @@ def _text_batch(B: int, S: int, device) -> dict:
     return dict(input_ids=ids.to(device), labels=ids.clone().to(device), attention_mask=torch.ones_like(ids, dtype=torch.bool).to(device),
                 reward=(torch.arange(B) % 2 == 0).float().to(device))
 
+# %% ../nbs/13_bench.ipynb #6f89eb69
 def _weighter(name: str, model: MTPTransformer, device):
     "A bound weighter of `name` ('critic-s1'/'critic-s2' are the critic's stages; rho1 gets a frozen copy of the model as reference)."
     if name.startswith("critic"):
@@ -128,6 +132,7 @@ def _weighter(name: str, model: MTPTransformer, device):
     else: w = make_weighter(name)
     return w.bind(model).to(device)
 
+# %% ../nbs/13_bench.ipynb #b542f569
 def make_train_step(cfg: MTPConfig, batch: dict, device="cpu", weighter: str = "baseline",
                     policy: DevicePolicy | None = None, seed: int = 0) -> Callable[[], float]:
     "A closure that runs one training step of `wmtp train` (its loss function, backward, AdamW) and returns the loss."
@@ -148,14 +153,17 @@ def make_train_step(cfg: MTPConfig, batch: dict, device="cpu", weighter: str = "
 def _policy(device: str, compile=False) -> DevicePolicy:
     return DevicePolicy(device=device, precision="fp32", compile=compile, verbose=False)
 
+# %% ../nbs/13_bench.ipynb #b5913244
 def _cfg(sizes: dict, **kw) -> MTPConfig:
     return MTPConfig(**{**dict(vocab_size=ByteTokenizer().vocab_size, n_future=4), **sizes["model"], **kw})
 
+# %% ../nbs/13_bench.ipynb #d4dff14f
 def _step_time(sizes: dict, device: str, weighter: str = "baseline", policy: DevicePolicy | None = None, **cfg_kw) -> float:
     "Median seconds of one training step on `device`."
     step = make_train_step(_cfg(sizes, **cfg_kw), _text_batch(*sizes["batch"], device), device, weighter, policy)
     return median_time(step, _policy(device).synchronize, sizes["step_repeats"])
 
+# %% ../nbs/13_bench.ipynb #47b275fe
 def bench_backends(devices: list[str], sizes: dict, caps: Capabilities) -> list[dict]:
     "Training-step time on cpu, cuda and mps (where available and selected), with the speed-up over cpu."
     rows = []
@@ -169,6 +177,7 @@ def bench_backends(devices: list[str], sizes: dict, caps: Capabilities) -> list[
 
 _KERNEL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_scaled_dot_product", "aten::_flash_attention")
 
+# %% ../nbs/13_bench.ipynb #814dd2bf
 def kernel_share(step: Callable, sync_fn: Callable = lambda: None) -> float:
     "The fraction of a step's self CPU time spent in matrix-multiply and attention kernels (what compile leaves to the same libraries)."
     from torch.profiler import ProfilerActivity, profile
@@ -178,6 +187,7 @@ def kernel_share(step: Callable, sync_fn: Callable = lambda: None) -> float:
     total = sum(e.self_cpu_time_total for e in ev)
     return sum(e.self_cpu_time_total for e in ev if e.key.startswith(_KERNEL_OPS)) / total if total else float("nan")
 
+# %% ../nbs/13_bench.ipynb #4455ee43
 def bench_compile(device: str, sizes: dict, quick: bool, heads: str = "parallel") -> dict:
     "The training step with torch.compile on and off; what happened (compiled, eager fallback, skipped)."
     if not sizes["compile"]:
@@ -196,6 +206,7 @@ def bench_compile(device: str, sizes: dict, quick: bool, heads: str = "parallel"
 
 WEIGHTER_ROWS = ("baseline", "critic-s1", "critic-s2", "rho1-weighted", "rho1-tokenskip")
 
+# %% ../nbs/13_bench.ipynb #416a61ae
 def bench_weighters(device: str, sizes: dict) -> list[dict]:
     "Training-step time of every weighter on the same model and batch, relative to baseline."
     _say(f"weighters on {device}")
@@ -219,6 +230,7 @@ def side_by_side(fns: list[Callable[[], object]], # the alternatives, each timed
             sync(); wall[i].append(time.perf_counter() - t0); cpu[i].append(time.process_time() - c0)
     return [statistics.median(w) for w in wall], [statistics.median(c) for c in cpu]
 
+# %% ../nbs/13_bench.ipynb #456c6873
 def work_bound(cfg: MTPConfig, seq_len: int) -> float:
     "Multiply-adds of a forward with `cfg.n_future` heads over one with a single head, per position (trunk, heads of the layout, unembedding)."
     D, V, HL = cfg.d_model, cfg.vocab_size, cfg.n_head_layers
@@ -228,6 +240,7 @@ def work_bound(cfg: MTPConfig, seq_len: int) -> float:
         return cfg.n_layer * block + heads + H * 2 * D * V
     return total(cfg.n_future) / total(1)
 
+# %% ../nbs/13_bench.ipynb #df1cd6b8
 def bench_heads(device: str, sizes: dict) -> list[dict]:
     "Training step with H=4 against H=1 on the same trunk, per head layout (and a deep trunk in the full run), with the work bound and the gap."
     rows, batch, sync = [], _text_batch(*sizes["batch"], device), _policy(device).synchronize
@@ -241,6 +254,7 @@ def bench_heads(device: str, sizes: dict) -> list[dict]:
                              bound=bound, gap=t4 / t1 / bound - 1))
     return rows
 
+# %% ../nbs/13_bench.ipynb #0c8cf9aa
 def bench_compile_layouts(device: str, sizes: dict, quick: bool) -> list[dict]:
     "`bench_compile` for each head layout (one skipped row in the quick run)."
     if not sizes["compile"]: return [bench_compile(device, sizes, quick)]
@@ -264,6 +278,7 @@ def _train_repetitive(device: str, d: dict, heads: str = "parallel", seed: int =
         if step % 20 == 0 and loss.item() < d["target_loss"]: break  # a host sync: only every 20 steps
     return model.eval(), x, loss.item(), step
 
+# %% ../nbs/13_bench.ipynb #17bb6a89
 def bench_decoding(device: str, sizes: dict) -> list[dict]:
     "Greedy against self-speculative tokens/s for each head layout on a model trained until drafts are accepted; tokens per forward, identical output."
     d, rows = sizes["decode"], []
@@ -308,6 +323,7 @@ def _hf_measure(kind: str, V: int, S: int, B: int, d_model: int, n_layer: int, r
     return dict(kind=kind, H=4 if kind.startswith("wmtp") else 1, V=V, S=S, B=B, d_model=d_model, n_layer=n_layer, loss=loss,
                 extra_peak_mb=max(extra, 0) / 2**20, time_s=median_time(step, repeats=repeats, warmup=0))
 
+# %% ../nbs/13_bench.ipynb #75f6f0df
 def bench_pretrained(sizes: dict) -> list[dict]:
     "transformers' own H=1 step, then wmtp's H=4 fused step, on the same small Llama-style model (cpu, fresh processes)."
     rows = []
@@ -323,10 +339,12 @@ def bench_pretrained(sizes: dict) -> list[dict]:
 def _row(name: str, measured: str, goal: str, met: bool | None) -> dict:
     return dict(target=name, measured=measured, goal=goal, met=met)
 
+# %% ../nbs/13_bench.ipynb #2555c13e
 def _judged(r: dict, wall: str, cpu: str) -> float | None:
     "The ratio a target reads: on the CPU device the CPU-time one (a shared machine's load inflates wall time unevenly), elsewhere the wall-time one."
     return r[cpu] if r["device"] == "cpu" and r.get(cpu) is not None else r[wall]
 
+# %% ../nbs/13_bench.ipynb #b86e6644
 def targets(res: dict) -> list[dict]:
     "Every target with its measured value, goal, and whether it was met (None: not measurable here)."
     out = [_row(f"{e['section']} section", f"failed: {e['error']}", "runs", False) for e in res.get("errors", [])]
@@ -365,9 +383,11 @@ def targets(res: dict) -> list[dict]:
 def _f(x, fmt=".3f", none="-") -> str:
     return none if x is None else format(x, fmt)
 
+# %% ../nbs/13_bench.ipynb #46d24ce2
 def _table(head: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
+# %% ../nbs/13_bench.ipynb #73448572
 def report_markdown(res: dict) -> str:
     "The benchmark report as markdown: targets, then one table per section."
     m = res["meta"]
@@ -443,10 +463,12 @@ def _load() -> list[float] | None:
     try: return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError): return None
 
+# %% ../nbs/13_bench.ipynb #9dcd03e7
 def _describe_step(sizes: dict) -> str:
     m, (B, S) = sizes["model"], sizes["batch"]
     return f"d_model {m['d_model']}, {m['n_layer']}-block trunk, H=4 one-block heads (parallel unless a table says otherwise), byte vocabulary; batch {B}x{S}; fused loss, AdamW, fp32"
 
+# %% ../nbs/13_bench.ipynb #5d50dc08
 def _devices(choice: str, caps: Capabilities) -> list[str]:
     "The devices for `--device` (cpu|cuda|mps|all); an unavailable one is an error."
     if choice == "all": return ["cpu"] + [d for d, ok in (("cuda", caps.cuda), ("mps", caps.mps)) if ok]
@@ -455,6 +477,7 @@ def _devices(choice: str, caps: Capabilities) -> list[str]:
         raise RuntimeError(f"--device {choice}: {choice.upper()} is not available on this machine (use --device cpu or all)")
     return [choice]
 
+# %% ../nbs/13_bench.ipynb #f485a4bd
 def run_bench(out_dir, quick: bool = False, device: str = "all", threads: int | None = None, caps: Capabilities | None = None) -> dict:
     "Run every benchmark section, write bench.json, bench.md and the PNG plots into `out_dir`; return the results."
     if threads is None: return _run_bench(out_dir, quick, device, caps)
@@ -468,6 +491,7 @@ def run_bench(out_dir, quick: bool = False, device: str = "all", threads: int | 
         if old_env is None: os.environ.pop("OMP_NUM_THREADS", None)
         else: os.environ["OMP_NUM_THREADS"] = old_env
 
+# %% ../nbs/13_bench.ipynb #9e7f1d48
 def _run_bench(out_dir, quick, device, caps) -> dict:
     caps = caps or Capabilities.detect()
     devices, sizes = _devices(device, caps), BENCH_SIZES["quick" if quick else "full"]
@@ -499,6 +523,7 @@ def _run_bench(out_dir, quick, device, caps) -> dict:
     plot_report(res, out_dir)
     return res
 
+# %% ../nbs/13_bench.ipynb #608f3a86
 def bench_main(argv: list[str] | None = None) -> int:
     "`wmtp bench [--out DIR] [--quick] [--device cpu|cuda|mps|all]`: run the benchmarks, write the report, print it."
     ap = argparse.ArgumentParser(prog="wmtp bench", description="Benchmark loss paths, backends, compile, heads, weighters and decoding side by side.")

@@ -54,6 +54,7 @@ def _value(x) -> float:
     if hasattr(x, "full_tensor"): x = x.full_tensor()
     return float(x)
 
+# %% ../nbs/07a_callbacks.ipynb #f16b7e2d
 class GradClip(Callback):
     "Clip the gradient norm to `max_norm` before each step; `learn.grad_norm` is the norm before clipping."
     order = -5
@@ -87,6 +88,7 @@ class WarmupCosine(LRScheduler):
         "Restore the position; the schedule's shape stays this one's, so a resumed run may be given more steps."
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("warmup_steps", "total_steps", "min_ratio")})
 
+# %% ../nbs/07a_callbacks.ipynb #c84a7c55
 class LRSchedule(Callback):
     "Step `scheduler` after every optimizer step; checkpoints carry it as `scheduler`."
     order = 10
@@ -207,6 +209,7 @@ def interval_means(learn, local) -> dict[str, float]:
     shared = getattr(learn, "train_means", None)
     return shared[1] if shared is not None and shared[0] == learn.step else local()
 
+# %% ../nbs/07a_callbacks.ipynb #0c22a786
 class TrackingCallback(Callback):
     "Log params, interval means of loss and extras, lr, grad norm, device and validation metrics to a `Tracker`."
     order = 95
@@ -250,6 +253,7 @@ def _planned_steps(learn) -> int:
     n_acc = max([getattr(cb, "n_acc", 1) for cb in learn.cbs])
     return max(1, learn.n_epochs * math.ceil(n / n_acc))
 
+# %% ../nbs/07a_callbacks.ipynb #ee454c5b
 class ProgressCallback(Callback):
     "Progress over optimizer steps with the training loss every `log_every` steps and validation metrics."
     order = 85
@@ -307,6 +311,7 @@ class WeighterState(Callback):
         "Each statistic over the logging steps seen: its mean, min, max and count."
         return {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in self.seen.items()}
 
+# %% ../nbs/07a_callbacks.ipynb #9f9a33b5
 class ConfigHash(Callback):
     "Record the config hash in checkpoints; warn when resuming a checkpoint made by another recipe."
     def __init__(self, h: str): self.h = h

@@ -26,6 +26,7 @@ def _mps_ok() -> bool:
     try: return bool(torch.backends.mps.is_available())
     except Exception: return False  # torch.mps raises on builds and machines without it
 
+# %% ../nbs/05_checkpoint.ipynb #9f02690e
 def _rng_state() -> dict:
     "The states of every random number generator this process uses."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -37,6 +38,7 @@ def _rng_state() -> dict:
     if _mps_ok(): st["mps"] = torch.mps.get_rng_state()
     return st
 
+# %% ../nbs/05_checkpoint.ipynb #bed72c47
 def _set_rng_state(st: dict):
     "Restore the generators saved by `_rng_state`."
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python"]))
@@ -54,6 +56,7 @@ def _bcast(obj):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+# %% ../nbs/05_checkpoint.ipynb #fcb086c8
 def _agree(err):
     "The first error of any rank, on every rank (also a barrier), so no rank waits for one that failed."
     if not is_distributed(): return err
@@ -61,6 +64,7 @@ def _agree(err):
     dist.all_gather_object(errs, err)
     return next((e for e in errs if e), None)
 
+# %% ../nbs/05_checkpoint.ipynb #4b43d0de
 @contextmanager
 def _quiet():
     "Silence DCP's note that it runs in a single process."
@@ -72,27 +76,32 @@ def _quiet():
 MANIFEST, EXTRA = "manifest.json", "extra.pt"
 _STEP = re.compile(r"^step-(\d+)$")
 
+# %% ../nbs/05_checkpoint.ipynb #443d5e6a
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try: os.fsync(fd)
     finally: os.close(fd)
 
+# %% ../nbs/05_checkpoint.ipynb #c7cb6e11
 def _write(path, data: bytes):
     "Write `data` to `path` and fsync it."
     with open(path, "wb") as f:
         f.write(data); f.flush(); os.fsync(f.fileno())
 
+# %% ../nbs/05_checkpoint.ipynb #0d5f6b4e
 def _sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
     return h.hexdigest()
 
+# %% ../nbs/05_checkpoint.ipynb #b21bb027
 def _write_manifest(folder: Path, step: int, metrics: dict):
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
     man = {"format": 1, "step": step, "metrics": metrics, "files": files}
     _write(folder / MANIFEST, json.dumps(man, indent=1).encode())
 
+# %% ../nbs/05_checkpoint.ipynb #8eed118b
 def _verify(folder) -> str | None:
     "Why the checkpoint in `folder` cannot be used, or None when every file matches its manifest."
     folder = Path(folder)
@@ -110,6 +119,7 @@ def _verify(folder) -> str | None:
 def _stateful(v) -> bool:
     return callable(getattr(v, "state_dict", None)) and callable(getattr(v, "load_state_dict", None))
 
+# %% ../nbs/05_checkpoint.ipynb #aa505419
 def _split(state: dict):
     "Modules, {optimizer key: module key}, other stateful objects, plain values."
     mods = {k: v for k, v in state.items() if isinstance(v, nn.Module)}
@@ -122,6 +132,7 @@ def _split(state: dict):
     other = {k: v for k, v in state.items() if k not in mods and k not in opts}
     return mods, opts, {k: v for k, v in other.items() if _stateful(v)}, {k: v for k, v in other.items() if not _stateful(v)}
 
+# %% ../nbs/05_checkpoint.ipynb #91969c2a
 def _tensor_state(state: dict) -> dict:
     "DCP state dicts of the modules and their optimizers in `state` (keys of the unwrapped modules)."
     mods, opts, _, _ = _split(state)
@@ -140,6 +151,7 @@ def _check_finite(state: dict, step: int):
     bad = _agree(bad)
     if bad: raise ValueError(f"refusing to save checkpoint step {step}: parameter {bad!r} has non-finite values")
 
+# %% ../nbs/05_checkpoint.ipynb #66058fb6
 def _tensors(prefix: str, obj):
     "(flattened key, tensor) pairs of a nested state dict, keyed as DCP stores them."
     if isinstance(obj, torch.Tensor): yield prefix, obj
@@ -148,6 +160,7 @@ def _tensors(prefix: str, obj):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj): yield from _tensors(f"{prefix}.{i}", v)
 
+# %% ../nbs/05_checkpoint.ipynb #43a0fe05
 def _check_shapes(want: dict, have: dict, where, modules=None):
     "Compare `want` ({key: shape}, what we load into) with `have` (stored at `where`; keys under `modules`, or all, must match)."
     for k, shape in want.items():
@@ -194,16 +207,19 @@ def _clean_tmp(self: CheckpointManager):
         if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
         else: p.unlink(missing_ok=True)
 
+# %% ../nbs/05_checkpoint.ipynb #66299880
 def _reason(e: BaseException) -> tuple[int | None, str]:
     "The errno and a one-line reason of a failed write (DCP wraps the error of each rank)."
     if isinstance(e, dcp.api.CheckpointException): e = next(iter(e.failures.values()))[0]
     lines = str(e).strip().splitlines()
     return getattr(e, "errno", None), f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
+# %% ../nbs/05_checkpoint.ipynb #074805b0
 def _dumps(obj) -> bytes:
     buf = io.BytesIO(); torch.save(obj, buf)
     return buf.getvalue()
 
+# %% ../nbs/05_checkpoint.ipynb #0320bba3
 def _dumps_safe(obj) -> bytes:
     "`_dumps`, refusing what a `weights_only` load would refuse (so every checkpoint written also loads safely)."
     b = _dumps(obj)
@@ -213,6 +229,7 @@ def _dumps_safe(obj) -> bytes:
                         f"that a weights_only load accepts: {str(e).strip().splitlines()[0]}") from None
     return b
 
+# %% ../nbs/05_checkpoint.ipynb #3fd44d1a
 @patch
 def _serialise(self: CheckpointManager, state: dict):
     "{file name: bytes} of this rank's RNG states and (rank 0) the stateful extras and plain entries, or an error."
@@ -224,6 +241,7 @@ def _serialise(self: CheckpointManager, state: dict):
     except Exception as e: blobs, err, local = {}, f"{type(e).__name__}: {e}", e
     return blobs, _agree(err), local
 
+# %% ../nbs/05_checkpoint.ipynb #7432547c
 @patch
 def _publish(self: CheckpointManager, tmp: Path, step: int, metrics: dict) -> Path:
     "Manifest last, then rename into place, point `latest` at it, rotate."
@@ -242,6 +260,7 @@ def _publish(self: CheckpointManager, tmp: Path, step: int, metrics: dict) -> Pa
     except OSError as e: warnings.warn(f"checkpoint {final} is saved, but rotating older ones failed: {e}")
     return final
 
+# %% ../nbs/05_checkpoint.ipynb #9cf2b141
 @patch
 def save(self: CheckpointManager, step: int, state: dict, metrics: dict | None = None) -> Path:
     "Write `state` (and the RNG states) as checkpoint `step`; return its folder."
@@ -284,6 +303,7 @@ def _metric(self: CheckpointManager, path: Path) -> float | None:
     except (OSError, ValueError, KeyError): return None
     return v if v is not None and np.isfinite(v) else None
 
+# %% ../nbs/05_checkpoint.ipynb #9b2cc95b
 @patch
 def _rotate(self: CheckpointManager):
     ckpts = self.checkpoints()
@@ -302,6 +322,7 @@ def _torch_load(path):
         raise ValueError(f"{path} holds objects that a safe (weights_only) load refuses, so it is not loaded: wmtp never runs "
                          f"code from a checkpoint file ({str(e).strip().splitlines()[0]})") from None
 
+# %% ../nbs/05_checkpoint.ipynb #db45cbd0
 @patch
 def _choose(self: CheckpointManager, path) -> Path:
     if path is None:
@@ -313,6 +334,7 @@ def _choose(self: CheckpointManager, path) -> Path:
     if why: raise ValueError(f"checkpoint {path} cannot be loaded: {why}")
     return path
 
+# %% ../nbs/05_checkpoint.ipynb #a78cc66d
 @patch
 def load(self: CheckpointManager, state: dict, path=None, restore_rng: bool = True) -> dict:
     "Load checkpoint `path` (default: the newest good one) into the objects of `state`; return its plain entries."
@@ -344,6 +366,7 @@ def _aliases(model: nn.Module) -> dict[str, str]:
         else: first[id(t)] = n
     return out
 
+# %% ../nbs/05_checkpoint.ipynb #1aefe024
 def export_safetensors(model: nn.Module, path) -> Path:
     "Write `model`'s full weights (unwrapped keys, tied tensors once) to the safetensors file `path`."
     from safetensors.torch import save_file
@@ -357,6 +380,7 @@ def export_safetensors(model: nn.Module, path) -> Path:
     if is_distributed(): dist.barrier()
     return path
 
+# %% ../nbs/05_checkpoint.ipynb #2d8fcb1e
 def load_safetensors(model: nn.Module, path) -> nn.Module:
     "Load weights written by `export_safetensors` into `model` (plain, compiled, DDP or FSDP2)."
     from safetensors import safe_open

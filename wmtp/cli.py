@@ -18,6 +18,7 @@ COMMANDS = {  # name: (module, function, one-line help)
     "export": ("wmtp.run", "export_main", "write a pretrained run's model as a Hugging Face folder that keeps its heads (RUN_DIR/hf)"),
 }
 
+# %% ../nbs/14_cli.ipynb #8459a32a
 def _usage() -> str:
     import wmtp
     lines = [f"wmtp {wmtp.__version__}: weighted multi-token prediction", "", "usage: wmtp <command> [options]", "", "commands:"]
@@ -25,6 +26,7 @@ def _usage() -> str:
     lines += ["", "`wmtp <command> --help` shows a command's options."]
     return "\n".join(lines)
 
+# %% ../nbs/14_cli.ipynb #2f84ad4d
 def main(argv=None) -> int:
     "Run `wmtp <command> ...`; return the exit code."
     argv = list(sys.argv[1:] if argv is None else argv)

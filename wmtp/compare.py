@@ -27,6 +27,7 @@ SHARED = "critic"  # the recipe whose model, data, optimisation and loss every a
 # every run of a comparison: no MLflow database per run, only the final weights (no intermediate checkpoints)
 RUN_OVERRIDES = ["tracking.enabled=false", "checkpoints.save_interval=0", "checkpoints.save_final=false"]
 
+# %% ../nbs/13a_compare.ipynb #5d5d391e
 def setting(algorithm: str, config: Config | None = None, overrides=(), quick: bool = False, reference: str | None = None):
     "The (config, recipe) of `algorithm` in a comparison: the shared recipe with the algorithm's own weighter."
     if algorithm not in RECIPE_FILES: raise ConfigError(f"unknown algorithm {algorithm!r}; known: {', '.join(RECIPE_FILES)}")
@@ -50,6 +51,7 @@ def eval_set(n_tasks: int = 64, seed: int = 10_000) -> tuple[list[dict], list[di
     recs = heldout_records(n_tasks, seed=seed)
     return recs, [r for r in recs if r.get("source") == "reference"]
 
+# %% ../nbs/13a_compare.ipynb #4900a94e
 def evaluate_run(run_dir, records, problems, batch_size: int = 16, max_new_tokens: int = 96, seed: int = 0) -> dict:
     "CE per head on the correct programs and on all of them, and greedy pass@1 on `problems`, of the run in `run_dir`."
     run = load_run(run_dir)
@@ -78,6 +80,7 @@ def _row(algorithm: str, seed: int, info: dict, ev: dict) -> dict:
                       stage1_prior_auc=s1.get("prior_auc"), stage1_n_valid=s1.get("n_valid"), stage1_family_auc=s1.get("family_auc"))
     return row
 
+# %% ../nbs/13a_compare.ipynb #7ac83563
 def run_compare(out, seeds=(0, 1, 2), overrides=(), quick: bool = False, config: Config | None = None, eval_tasks: int = 64,
                 pass_problems: int = 8, algorithms=ALGORITHMS, log=print) -> dict:
     "Train the reference and every algorithm for each seed; evaluate each run; return the rows and the setting."
@@ -119,6 +122,7 @@ def _ms(xs) -> dict:
 METRICS = ("ce_correct_h0", "ce_all_h0", "ce_correct_heads", "pass_at_1", "weight_max", "ess_frac", "kept", "adv_corr",
            "wall_time_s", "stage1_auc", "stage1_prior_auc", "stage1_family_auc")
 
+# %% ../nbs/13a_compare.ipynb #7bb014b5
 def summarise(res: dict) -> dict:
     "Per algorithm: mean and std over seeds of each metric, and of the CE of every head on correct programs."
     out = {}
@@ -140,6 +144,7 @@ def _f(m: dict, fmt: str = ".4f") -> str:
     if m is None or m.get("mean") is None: return "-"
     return f"{m['mean']:{fmt}}" + (f" ± {m['std']:{fmt}}" if m.get("std") is not None else "")
 
+# %% ../nbs/13a_compare.ipynb #f94160fe
 def report_markdown(res: dict, command: str | None = None) -> str:
     "compare.md: the setting, mean ± std tables, weight statistics, costs, and what the numbers show."
     sm, n = summarise(res), len(res["seeds"])
@@ -195,6 +200,7 @@ def report_markdown(res: dict, command: str | None = None) -> str:
           "is only informative where it is above 0."]
     return "\n".join(L)
 
+# %% ../nbs/13a_compare.ipynb #77682a03
 def plot_compare(res: dict, path) -> Path:
     "compare.png: CE on correct and on all programs (head 0) per algorithm, mean and std over seeds."
     import matplotlib; import matplotlib.pyplot as plt
@@ -227,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
+# %% ../nbs/13a_compare.ipynb #8b5316a0
 def compare_main(argv=None) -> int:
     "The `wmtp compare` command; return the exit code."
     a = _parser().parse_intermixed_args(argv)

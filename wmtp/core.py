@@ -25,6 +25,7 @@ def _wrappers() -> tuple[type, ...]:
     except ImportError: pass  # a torch build without distributed support
     return tuple(out)
 
+# %% ../nbs/00_core.ipynb #0b4f1cef
 def unwrap_model(model: nn.Module) -> nn.Module:
     "The module under any `torch.compile` (`_orig_mod`), DDP, DataParallel or FSDP1 (`.module`) wrappers."
     while True:
@@ -47,12 +48,14 @@ class LaunchEnv(NamedTuple):
     local_rank: int
     world_size: int
 
+# %% ../nbs/00_core.ipynb #ee457994
 def _env_int(name: str, default: int) -> int:
     v = os.environ.get(name, "")
     if v == "": return default
     try: return int(v)
     except ValueError: raise ValueError(f"environment variable {name}={v!r} is not an integer (torchrun sets it)") from None
 
+# %% ../nbs/00_core.ipynb #b904b880
 def launch_env() -> LaunchEnv:
     "RANK, LOCAL_RANK and WORLD_SIZE from the environment (0, 0, 1 where unset)."
     return LaunchEnv(_env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1))
@@ -62,14 +65,17 @@ def is_distributed() -> bool:
     "True when a process group is live."
     return dist.is_available() and dist.is_initialized()
 
+# %% ../nbs/00_core.ipynb #d64969bd
 def rank() -> int:
     "This process's rank in the live process group (0 without one)."
     return dist.get_rank() if is_distributed() else 0
 
+# %% ../nbs/00_core.ipynb #c021ac74
 def world_size() -> int:
     "The number of processes in the live process group (1 without one)."
     return dist.get_world_size() if is_distributed() else 1
 
+# %% ../nbs/00_core.ipynb #5eb002f9
 def is_main(ctx=None) -> bool:
     "True on rank 0 (and in a one-process run): of `ctx` (a `DistContext`) when given, else of the process group."
     return (ctx.rank if ctx is not None else rank()) == 0
@@ -80,10 +86,12 @@ class ProcessMemory(NamedTuple):
     rss: int   # now
     peak: int  # the most so far
 
+# %% ../nbs/00_core.ipynb #9eb4d6bc
 def _peak_rss() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
+# %% ../nbs/00_core.ipynb #c11c82aa
 def process_memory() -> ProcessMemory:
     "The current and peak resident memory of this process."
     peak = _peak_rss()
@@ -98,6 +106,7 @@ def process_memory() -> ProcessMemory:
 # %% ../nbs/00_core.ipynb #84951bc1
 def _ratio(a: str, b: str) -> float: return difflib.SequenceMatcher(None, a, b).ratio()
 
+# %% ../nbs/00_core.ipynb #67b67dfa
 def suggest(key, valid: Iterable, synonyms: dict[str, str] | None = None, cutoff: float = 0.6) -> str | None:
     "The valid choice closest to `key` by spelling, or by a synonym that `key` spells (even misspelt); None if none is close."
     key, valid = str(key), sorted(map(str, valid), key=lambda v: (len(v), v))
@@ -111,6 +120,7 @@ def suggest(key, valid: Iterable, synonyms: dict[str, str] | None = None, cutoff
         if hits and r >= 0.8 and r > score: best, score = hits[0], r
     return best
 
+# %% ../nbs/00_core.ipynb #be59b184
 def did_you_mean(key, valid: Iterable, synonyms: dict[str, str] | None = None, cutoff: float = 0.6) -> str:
     "` (did you mean 'x'?)` for the closest valid choice, or '' when none is close."
     s = suggest(key, valid, synonyms, cutoff)

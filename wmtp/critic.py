@@ -44,6 +44,7 @@ def _episode(labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor, 
     nxt = torch.zeros_like(tok); nxt[:, :-1] = tok[:, 1:]
     return tok, tok & ~nxt, nxt
 
+# %% ../nbs/08a_critic.ipynb #1dc320ef
 def gae(values: Tensor, reward: Tensor, labels: Tensor, gamma: float = 1.0, lam: float = 0.95,
         ignore_index: int = -100) -> tuple[Tensor, Tensor]:
     "TD errors and GAE advantages [B,S] of the completion tokens (0 elsewhere), reward `reward` [B] at each completion's end."
@@ -99,26 +100,31 @@ def _head(self: CriticWeighter) -> ValueHead:
     if self.value_head is None: raise ValueError("CriticWeighter has no value head: pass d_model= or call bind(model) first")
     return self.value_head
 
+# %% ../nbs/08a_critic.ipynb #bf7b4ccf
 @patch
 def parameters(self: CriticWeighter) -> Iterator[nn.Parameter]: return self._head().parameters()
 
+# %% ../nbs/08a_critic.ipynb #d749d5d1
 @patch
 def to(self: CriticWeighter, device) -> CriticWeighter:
     self._head().to(device)
     self.adv_mean, self.adv_var, self.adv_count = (t.to(device) for t in (self.adv_mean, self.adv_var, self.adv_count))
     return self
 
+# %% ../nbs/08a_critic.ipynb #bbf242ab
 @patch
 def train(self: CriticWeighter, mode: bool = True) -> CriticWeighter:
     self.training = mode
     if self.value_head is not None: self.value_head.train(mode)
     return self
 
+# %% ../nbs/08a_critic.ipynb #f62f01e5
 @patch
 def state_dict(self: CriticWeighter) -> dict:
     return {"value_head": self._head().state_dict(), "adv_mean": self.adv_mean.clone(), "adv_var": self.adv_var.clone(),
             "adv_count": self.adv_count.clone(), "stage": self.stage}
 
+# %% ../nbs/08a_critic.ipynb #d06aa642
 @patch
 def load_state_dict(self: CriticWeighter, state: dict):
     missing = {"value_head", "adv_mean", "adv_var", "adv_count", "stage"} - set(state)
@@ -145,6 +151,7 @@ def _reward(batch: dict) -> Tensor:
     if "reward" not in batch: raise KeyError(f"the critic needs batch['reward'] (1.0 correct / 0.0 incorrect); batch keys: {sorted(batch)}")
     return batch["reward"]
 
+# %% ../nbs/08a_critic.ipynb #2e4564dd
 @patch
 def value_targets(self: CriticWeighter, values: Tensor, batch: dict) -> Tensor:
     "Stage-1 targets [B,S] of the decision states: Monte-Carlo returns or lambda-returns of the (detached) values."
@@ -155,6 +162,7 @@ def value_targets(self: CriticWeighter, values: Tensor, batch: dict) -> Tensor:
     g = torch.zeros_like(v); g[:, :-1] = a[:, 1:]  # state t is judged by the advantage of token t+1
     return g if self.target == "mc" else g + v
 
+# %% ../nbs/08a_critic.ipynb #f6dc1119
 @patch
 def aux_loss(self: CriticWeighter, batch: dict, out: MTPOutput) -> Tensor | None:
     "The value loss (MSE over decision states, times `value_coef`) in stage 1, or in stage 2 with `fit_in_stage2`."
@@ -166,6 +174,7 @@ def aux_loss(self: CriticWeighter, batch: dict, out: MTPOutput) -> Tensor | None
     self._last["value_loss"] = loss.detach()
     return self.value_coef * loss
 
+# %% ../nbs/08a_critic.ipynb #4de1d770
 @patch
 def _whiten(self: CriticWeighter, adv: Tensor, tok: Tensor) -> Tensor:
     if self.training:  # update the running statistics; the first batch sets them; a batch of < 2 tokens leaves them
@@ -177,6 +186,7 @@ def _whiten(self: CriticWeighter, adv: Tensor, tok: Tensor) -> Tensor:
         self.adv_count = self.adv_count + use.long()
     return (adv - self.adv_mean) / (self.adv_var + 1e-8).sqrt()
 
+# %% ../nbs/08a_critic.ipynb #5b518bab
 @patch
 def _raw(self: CriticWeighter, batch, out, targets, valid):
     if self.stage == 1: return torch.ones_like(targets, dtype=torch.float32), None
@@ -202,6 +212,7 @@ class _ValueLoss:
         n = (batch["labels"] != -100).sum()
         return loss, n, {}
 
+# %% ../nbs/08a_critic.ipynb #07d32369
 def fit_value_head(weighter: CriticWeighter, model: nn.Module, train_dl, steps: int, lr: float = 1e-3, policy=None, log=print,
                    train_trunk: bool = False) -> float:
     "Fit the critic's value head for `steps` steps (with the trunk when `train_trunk`, else the model left alone); return its last loss."
@@ -241,6 +252,7 @@ class _LMLoss:
         res = weighted_mtp_loss(targets=targets, hidden=out.hidden, unembedding=mtp_model(model).unembedding)
         return res.loss, (targets != -100).sum(), {}
 
+# %% ../nbs/08a_critic.ipynb #30b846af
 def lm_stage(model: nn.Module, train_dl, steps: int, lr: float = 3e-3, policy=None, log=print) -> float:
     "Train `model` for `steps` steps on the unweighted MTP loss (the trunk learns features); return its last loss."
     if steps <= 0: return float("nan")
@@ -268,6 +280,7 @@ def roc_auc(scores, labels) -> float:
     avg_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # tied values share the mean of their ranks
     return float((avg_rank[inv][y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
+# %% ../nbs/08a_critic.ipynb #9aa6259a
 @patch
 def sequence_values(self: CriticWeighter, batch: dict, out: MTPOutput) -> Tensor:
     "The value at each row's last decision state, the predicted reward of the whole sequence, [B] (no grad)."
@@ -286,6 +299,7 @@ def template_prior(train_records, records) -> list[float]:
     base = sum(sum(v) for v in seen.values()) / len(train_records)
     return [sum(v) / len(v) if (v := seen.get(record_family(r))) else base for r in records]
 
+# %% ../nbs/08a_critic.ipynb #0d269e63
 def template_prior_auc(train_records, records) -> float:
     "AUC on `records` of the template baseline: score = the family's correct-rate in training."
     return roc_auc(template_prior(train_records, records), [bool(r["is_correct"]) for r in records])

@@ -59,10 +59,12 @@ class ByteTokenizer:
 # %% ../nbs/03_data.ipynb #95551a58
 _TEST_DIRS = {"test", "tests", "idle_test"}
 
+# %% ../nbs/03_data.ipynb #f5f56db6
 def _frac(key: str) -> float:
     "A stable number in [0, 1) from a string."
     return int(hashlib.sha1(key.encode()).hexdigest()[:15], 16) / 16**15
 
+# %% ../nbs/03_data.ipynb #d2203ef1
 def stdlib_paths(split: str = "train", valid_frac: float = 0.05, include_tests: bool = False, seed: int = 0) -> list[Path]:
     "The stdlib `.py` files of `split` ('train'|'valid'|'all'), ordered by a seeded hash."
     if split not in ("train", "valid", "all"): raise ValueError(f"split must be 'train', 'valid' or 'all', got {split!r}")
@@ -108,6 +110,7 @@ def _map_record(d: dict) -> dict:
     if not isinstance(rec["prompt"], str) or not isinstance(rec["completion"], str): raise TypeError("prompt and completion must be strings")
     return rec
 
+# %% ../nbs/03_data.ipynb #ebf4f30e
 def read_jsonl_records(path: str | Path) -> list[dict]:
     "Records from a JSONL file (MBPP, Alpaca or prompt/completion fields); errors name the file and line."
     path = Path(path)
@@ -137,12 +140,14 @@ def humaneval_records() -> list[dict]:
 IGNORE_INDEX = -100
 OVERFLOW = ("trim", "drop")
 
+# %% ../nbs/03_data.ipynb #c8281f99
 def _fit(prompt: list[int], comp: list[int], max_len: int, overflow: str) -> tuple[list[int] | None, str]:
     "The completion that fits after the whole prompt, and what happened: 'whole', 'trimmed' or 'dropped' (None)."
     if len(prompt) + len(comp) <= max_len: return comp, "whole"
     if overflow == "drop" or len(prompt) >= max_len: return None, "dropped"
     return comp[:max_len - len(prompt)], "trimmed"
 
+# %% ../nbs/03_data.ipynb #ffc7a94c
 def _encode(record: dict, tokenizer: Tokenizer, max_len: int, overflow: str = "trim") -> tuple[dict | None, str]:
     for k in ("prompt", "completion"):
         if k not in record: raise KeyError(f"record has no {k!r} field (keys: {sorted(record)})")
@@ -158,6 +163,7 @@ def _encode(record: dict, tokenizer: Tokenizer, max_len: int, overflow: str = "t
     if record.get("is_correct") is not None: out["reward"] = torch.tensor(float(bool(record["is_correct"])))
     return out, status
 
+# %% ../nbs/03_data.ipynb #8f83d2fc
 def encode_record(record: dict, tokenizer: Tokenizer, max_len: int, overflow: str = "trim") -> dict[str, torch.Tensor] | None:
     "1-D `input_ids`, `labels` (prompt = -100), `attention_mask` (+ `reward`) of one record; None when it is dropped."
     return _encode(record, tokenizer, max_len, overflow)[0]
@@ -200,6 +206,7 @@ class PackedDataset(Dataset):
         row = self.data[i]
         return {"input_ids": row, "labels": row.clone(), "attention_mask": torch.ones_like(row, dtype=torch.bool)}
 
+# %% ../nbs/03_data.ipynb #90fc0317
 class RecordDataset(Dataset):
     "{prompt, completion[, is_correct]} records encoded with `encode_record`; `counts` says how many were whole, trimmed, dropped."
     def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, max_len: int, overflow: str = "trim"):
@@ -225,6 +232,7 @@ def make_loader(dataset: Dataset, batch_size: int, policy=None, shuffle: bool = 
 # %% ../nbs/03_data.ipynb #5d247772
 _DEF = re.compile(r"\bdef\s+([A-Za-z_]\w*?)_(\d+)\s*\(")
 
+# %% ../nbs/03_data.ipynb #02bba5f5
 def program_key(record: dict) -> tuple[str, str]:
     "(prompt, completion) with numeric suffixes of the functions they define removed: equal keys, same program."
     p, c = record["prompt"], record["completion"]
@@ -233,6 +241,7 @@ def program_key(record: dict) -> tuple[str, str]:
         p, c = name.sub(stem, p), name.sub(stem, c)
     return p, c
 
+# %% ../nbs/03_data.ipynb #178ef2c2
 def record_family(record: dict) -> str:
     "The template a record comes from: its `family` field, else its first defined function's name without an index."
     if record.get("family"): return str(record["family"])
@@ -248,6 +257,7 @@ def dedupe_records(records: Sequence[dict]) -> list[dict]:
         if k not in seen: seen.add(k); out.append(r)
     return out
 
+# %% ../nbs/03_data.ipynb #23ac9e98
 def split_records(records: Sequence[dict], valid_frac: float = 0.1, by: str = "program", seed: int = 0) -> tuple[list[dict], list[dict]]:
     "Deduplicated (train, valid) records with no program, task (`by='program'`) or family (`by='family'`) in both."
     if by not in ("program", "family"): raise ValueError(f"by must be 'program' or 'family', got {by!r}")

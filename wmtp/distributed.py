@@ -60,6 +60,7 @@ class DistContext:
     def __enter__(self): return self
     def __exit__(self, typ, *exc): shutdown_distributed(self, wait=typ is None)
 
+# %% ../nbs/10_distributed.ipynb #39d21347
 def _device_of(policy_or_device) -> torch.device:
     "The device of a `DevicePolicy`, a `torch.device` or a name (None: cpu)."
     if policy_or_device is None: return torch.device("cpu")
@@ -73,12 +74,14 @@ def _check(world: int, rank: int, backend: str, timeout_s) -> None:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={world} from the environment do not fit (need 0 <= RANK < WORLD_SIZE)")
 
+# %% ../nbs/10_distributed.ipynb #f5f5355a
 def _rank_device(dev: torch.device, local: int, n_cuda: int) -> torch.device:
     "This rank's device: on CUDA the GPU of its LOCAL_RANK, whatever index was asked for."
     if dev.type != "cuda": return dev
     if local >= n_cuda: raise ValueError(f"LOCAL_RANK={local} but only {n_cuda} CUDA devices are visible")
     return torch.device("cuda", local)
 
+# %% ../nbs/10_distributed.ipynb #b33e6364
 def _adopt(policy, dev: torch.device) -> None:
     "Make a `DevicePolicy` agree with this rank: its device becomes the rank's, its GradScaler one whose skips all ranks share."
     if not hasattr(policy, "scaler_cls"): return  # a device or its name: nothing to update
@@ -87,6 +90,7 @@ def _adopt(policy, dev: torch.device) -> None:
         policy.device = dev
     policy.scaler_cls = DistGradScaler
 
+# %% ../nbs/10_distributed.ipynb #b67e27ff
 def init_distributed(policy_or_device=None,  # a `DevicePolicy`, a device or its name (None: cpu)
                      backend: str = "auto",    # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
                      timeout_s: float = 120.0  # a collective that waits longer than this fails (a peer died or hung)
@@ -115,6 +119,7 @@ def init_distributed(policy_or_device=None,  # a `DevicePolicy`, a device or its
     from torch.distributed.device_mesh import init_device_mesh
     return DistContext(rank, local, world, dev, init_device_mesh(dev.type, (world,)), backend, float(timeout_s))
 
+# %% ../nbs/10_distributed.ipynb #427b19fb
 def shutdown_distributed(ctx: DistContext | None = None,
                          wait: bool | None = None  # meet the other ranks first; None: unless an exception is propagating
                          ) -> None:
@@ -132,12 +137,14 @@ def rank0_print(*args, ctx: DistContext | None = None, **kwargs) -> None:
     "`print` on rank 0 only."
     if is_main(ctx): print(*args, **kwargs)
 
+# %% ../nbs/10_distributed.ipynb #a50d6cad
 def barrier(ctx: DistContext | None = None, what: str = "barrier") -> None:
     "Wait for every rank; a dead peer raises `RankFailure` instead of hanging."
     if ctx is None or not ctx.enabled: return
     with collective_errors(ctx, what):
         dist.barrier(**({"device_ids": [ctx.device.index]} if ctx.backend == "nccl" else {}))
 
+# %% ../nbs/10_distributed.ipynb #c4c868e6
 def all_reduce_mean(x, ctx: DistContext | None = None) -> torch.Tensor:
     "The mean of `x` (a number or tensor) over ranks, for logging: every rank gets it."
     t = torch.as_tensor(x, dtype=torch.float32, device=ctx.device if ctx else "cpu").detach().clone()
@@ -149,6 +156,7 @@ def all_reduce_mean(x, ctx: DistContext | None = None) -> torch.Tensor:
 class RankFailure(RuntimeError):
     "A collective failed on this rank, most likely because a peer rank died or hung."
 
+# %% ../nbs/10_distributed.ipynb #c8625608
 def _silent_peers(ctx: DistContext, wait_s: float) -> list[int] | None:
     "Ranks that leave no note in the store within `wait_s` seconds (None: the store itself is gone)."
     try:
@@ -161,6 +169,7 @@ def _silent_peers(ctx: DistContext, wait_s: float) -> list[int] | None:
             time.sleep(0.2)
     except Exception: return None  # the store lives on rank 0 (or the torchrun agent): it died too
 
+# %% ../nbs/10_distributed.ipynb #1b9953be
 @contextmanager
 def collective_errors(ctx: DistContext | None, what: str = "training", wait_s: float = 5.0):
     "Re-raise a failed collective as a `RankFailure` naming this rank and the peers that did not answer."
@@ -183,12 +192,14 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     for head in getattr(model, "heads", ()): out.extend(head if isinstance(head, nn.ModuleList) else [head])
     return out
 
+# %% ../nbs/10_distributed.ipynb #00a648f1
 def mixed_precision(policy=None):
     "FSDP2's `MixedPrecisionPolicy` for a `DevicePolicy`: compute in its autocast dtype, reduce in fp32."
     from torch.distributed.fsdp import MixedPrecisionPolicy
     dt = getattr(policy, "amp_dtype", None)
     return MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32) if dt is not None else MixedPrecisionPolicy()
 
+# %% ../nbs/10_distributed.ipynb #759f3c95
 def shard_model(model: nn.Module, ctx: DistContext, policy=None,  # a `DevicePolicy` (mixed precision), or None: fp32
                 reshard_after_forward: bool = True) -> nn.Module:  # blocks free their gathered weights after forward
     "FSDP2: `fully_shard` each trunk and head block, then the root; a no-op in a one-process run."
@@ -212,6 +223,7 @@ def replicate_module(module: nn.Module, ctx: DistContext) -> nn.Module:
     replicate(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     return module
 
+# %% ../nbs/10_distributed.ipynb #f79f663e
 def place_weighter(weighter, ctx: DistContext):
     "Move a weighter to this rank's device; replicate its value head, freeze its reference model."
     if weighter is None: return None
@@ -229,6 +241,7 @@ def _kinds(parameters) -> list[list[torch.Tensor]]:
     ps = [p for p in parameters if p.grad is not None]
     return [g for g in ([p for p in ps if isinstance(p.grad, DTensor)], [p for p in ps if not isinstance(p.grad, DTensor)]) if g]
 
+# %% ../nbs/10_distributed.ipynb #6c460833
 def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     "The total gradient norm of FSDP2 (DTensor) and plain parameters together, the same on every rank (0 without gradients)."
     norms = []
@@ -237,6 +250,7 @@ def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> tor
         norms.append((n.full_tensor() if hasattr(n, "full_tensor") else n).float().cpu())  # a DTensor norm all-reduces
     return torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else torch.zeros(())
 
+# %% ../nbs/10_distributed.ipynb #172560a0
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     "Clip the gradients of FSDP2 (DTensor) and plain parameters together by their total norm; return that norm."
     kinds = _kinds(parameters)
@@ -244,6 +258,7 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, norm_typ
     for g in kinds: torch.nn.utils.clip_grads_with_norm_(g, max_norm, total.to(g[0].grad.device))
     return total
 
+# %% ../nbs/10_distributed.ipynb #5914f037
 class DistGradClip(GradClip):
     "`GradClip` that also handles FSDP2 and replicated parameters in one optimizer."
     def before_step(self):
@@ -258,11 +273,13 @@ def distributed_sampler(dataset, ctx: DistContext, shuffle: bool = True, seed: i
     if ctx.world_size <= 1 and not always: return None
     return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
 
+# %% ../nbs/10_distributed.ipynb #0aff7431
 def set_sampler_epoch(loader_or_sampler, epoch: int) -> None:
     "Call `set_epoch(epoch)` on a sampler, or on a DataLoader's sampler, if it has one."
     s = getattr(loader_or_sampler, "sampler", loader_or_sampler)
     if callable(getattr(s, "set_epoch", None)): s.set_epoch(epoch)
 
+# %% ../nbs/10_distributed.ipynb #01ccaca1
 class DistributedSamplerCallback(Callback):
     "Calls `sampler.set_epoch(learn.epoch)` before each epoch, so the shuffle changes per epoch and agrees across ranks."
     order = -40
@@ -278,6 +295,7 @@ def reshard(model: nn.Module) -> nn.Module:
         if isinstance(m, FSDPModule): m.reshard()
     return model
 
+# %% ../nbs/10_distributed.ipynb #972f0aa4
 def means_over_ranks(means: WeightedMeans, ctx: DistContext, what: str = "means") -> dict[str, float]:
     "The token-weighted means of `means` over all ranks: every sum and count in one all-reduce (this rank's own in a one-process run)."
     if not ctx.enabled: return means.means()
@@ -288,6 +306,7 @@ def means_over_ranks(means: WeightedMeans, ctx: DistContext, what: str = "means"
     out = {k: (a / b if b else float("nan")) for k, a, b in zip(keys, s, c)}
     return {k: out[k] for k in means.sums}  # in the order they came, as in a one-process run
 
+# %% ../nbs/10_distributed.ipynb #a517e877
 class DistributedValidation(Callback):
     "After each validation: token-weighted metrics over all ranks in `learn.metrics` (the same on every rank), and the model resharded."
     order = -40

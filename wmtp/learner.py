@@ -118,6 +118,7 @@ def _shutdown(it):
     stop = getattr(it, "_shutdown_workers", None)
     if stop is not None: stop()
 
+# %% ../nbs/07_learner.ipynb #8b1c8a75
 @patch
 def _iter(self: Learner, role: str, epoch: int):
     src = self.train_dl if role == "train" else self.valid_dl
@@ -127,6 +128,7 @@ def _iter(self: Learner, role: str, epoch: int):
     self._iters[role] = it = iter(dl)
     return it
 
+# %% ../nbs/07_learner.ipynb #cdc577a6
 @patch
 def _release(self: Learner, role: str):
     _shutdown(self._iters.pop(role, None))
@@ -134,14 +136,17 @@ def _release(self: Learner, role: str):
     if getattr(dl, "_iterator", None) is not None:  # persistent workers live here
         _shutdown(dl._iterator); dl._iterator = None
 
+# %% ../nbs/07_learner.ipynb #447d0326
 @patch
 def release(self: Learner):
     "Shut down the loaders' worker processes; the Learner can still `fit` again afterwards."
     for role in list(self._loaders): self._release(role)
 
+# %% ../nbs/07_learner.ipynb #e2eb7add
 @patch
 def __enter__(self: Learner): return self
 
+# %% ../nbs/07_learner.ipynb #db7371fd
 @patch
 def __exit__(self: Learner, *exc): self.release()  # also after an error; the error still propagates
 
@@ -155,9 +160,11 @@ def fit(self: Learner, n_epochs: int | None = None, max_steps: int | None = None
     self.error, self.metrics, self.metrics_step, self.stop_reason = None, {}, None, None
     self._with_events("fit", self._fit)
 
+# %% ../nbs/07_learner.ipynb #468daf90
 @patch
 def _done(self: Learner): return self.fit_max_steps is not None and self.step >= self.fit_max_steps
 
+# %% ../nbs/07_learner.ipynb #b60c6047
 @patch
 def _fit(self: Learner):
     self.opt.zero_grad()  # gradients left over from an earlier, interrupted fit must not leak into this one
@@ -167,6 +174,7 @@ def _fit(self: Learner):
         if not self._epoch_over: break
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
+# %% ../nbs/07_learner.ipynb #229d56d2
 @patch
 def _epoch(self: Learner):
     self.training = True; self.model.train()
@@ -182,6 +190,7 @@ def _epoch(self: Learner):
     if not seen and self.n_epochs is None and not self._done():
         raise ValueError(f"train_dl yielded no batches in epoch {self.epoch}: fit(max_steps={self.fit_max_steps}) would never end")
 
+# %% ../nbs/07_learner.ipynb #b4c0c890
 @patch
 def _batch(self: Learner):
     self.loss = self.n_tokens = None
@@ -194,6 +203,7 @@ def _batch(self: Learner):
     self.callback("after_backward")
     self._with_events("step", self._step)
 
+# %% ../nbs/07_learner.ipynb #9b87cdfb
 @patch
 def _step(self: Learner):
     if self.scaler is None: self.opt.step()
@@ -215,6 +225,7 @@ def validate(self: Learner) -> dict[str, float]:
         self.model.train(self.training)
     return self.metrics
 
+# %% ../nbs/07_learner.ipynb #b0e801fb
 @patch
 def _validate(self: Learner):
     self.training = False; self.model.eval()
@@ -223,6 +234,7 @@ def _validate(self: Learner):
         if self.loss is not None: self._means.add(self.loss, self.n_tokens, self.extras)
     self.metrics, self.metrics_step = {f"val_{k}": v for k, v in self._means.means().items()}, self.step
 
+# %% ../nbs/07_learner.ipynb #1cb05637
 class ValidationCallback(Callback):
     "Runs `learn.validate()` every `every` optimizer steps (None: after each epoch), and at the end of `fit`."
     order = 50  # before early stopping, tracking and checkpoints, which read the metrics
@@ -265,6 +277,7 @@ def checkpoint_state(self: Learner) -> dict:
         if hasattr(cb, "save_state"): cb.save_state(state)
     return state
 
+# %% ../nbs/07_learner.ipynb #3ed46c3b
 @patch
 def load_trainer_state(self: Learner, plain: dict):
     "Continue from the plain entries of a loaded checkpoint (its `trainer` position and callbacks' state)."

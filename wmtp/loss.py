@@ -18,10 +18,12 @@ def _is_int(x: Tensor) -> bool:
     "Whether `x` holds integers (bool does not count)."
     return not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool
 
+# %% ../nbs/01_loss.ipynb #9c50194f
 def _desc(x) -> str:
     "A short description of `x` for error messages."
     return f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
+# %% ../nbs/01_loss.ipynb #ef39f08d
 def mtp_targets(labels: Tensor, # [B,S] integer labels, unshifted (prompt and padding = `ignore_index`)
                 n_heads: int, # H, the number of heads
                 ignore_index: int = -100, # the label that is not trained on
@@ -42,6 +44,7 @@ class MTPLoss(NamedTuple):
     ce: Tensor  # [B,S,H] detached per-row CE, 0 where the row does not count
     valid: Tensor  # [B,S] bool: positions with at least one row that counts
 
+# %% ../nbs/01_loss.ipynb #780bb217
 def _check(name: str, x, dims: str, sizes: tuple, kind: str):
     "Raise naming `name` unless `x` is a `kind` tensor whose shape matches `sizes` (None: any size)."
     ok = {"int": _is_int, "float": lambda t: t.dtype.is_floating_point, "bool": lambda t: t.dtype == torch.bool}[kind]
@@ -52,10 +55,12 @@ def _check(name: str, x, dims: str, sizes: tuple, kind: str):
 
 sync_checks: bool | None = {"1": True, "0": False}.get(os.environ.get("WMTP_SYNC_CHECKS", ""))  # None: on the CPU only
 
+# %% ../nbs/01_loss.ipynb #152deaf5
 def _host_checks(x: Tensor) -> bool:
     "Whether the loss may read values back to the host (value checks that raise, compacted rows): `sync_checks`, else only on the CPU."
     return sync_checks if sync_checks is not None else x.device.type == "cpu"
 
+# %% ../nbs/01_loss.ipynb #41d9da32
 def _check_inputs(targets, logits, hidden, unembedding, ignore_index) -> int:
     "Check targets and the logits or hidden/unembedding inputs; return the vocabulary size V."
     if (logits is None) == (hidden is None):
@@ -80,6 +85,7 @@ def _check_inputs(targets, logits, hidden, unembedding, ignore_index) -> int:
             raise ValueError(f"targets must lie in [0, V={V}) or equal ignore_index={ignore_index}; found {targets[bad][0].item()}")
     return V
 
+# %% ../nbs/01_loss.ipynb #113202b9
 def _device_checks(targets, weights, V: int, ignore_index: int) -> tuple[Tensor, Tensor]:
     "Targets safe to index with, and a 0-dim flag that is True where a target or weight is bad, computed on the device."
     bad_t = (targets != ignore_index) & ((targets < 0) | (targets >= V))
@@ -87,6 +93,7 @@ def _device_checks(targets, weights, V: int, ignore_index: int) -> tuple[Tensor,
     if weights is not None: bad = bad | ~torch.isfinite(weights).all() | (weights < 0).any()
     return torch.where(bad_t, ignore_index, targets), bad
 
+# %% ../nbs/01_loss.ipynb #4b1b91d8
 def _row_weights(targets, weights, selection_mask, ignore_index) -> Tensor:
     "w * m per row [B,S,H] in fp32: detached weights, zero where ignored or deselected."
     m = targets != ignore_index
@@ -118,11 +125,13 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     "The dtype to accumulate in: fp32, or fp64 for fp64 inputs."
     return torch.promote_types(dtype, torch.float32)
 
+# %% ../nbs/01_loss.ipynb #b8d80fd7
 def _ce_flatten(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
     "Every row's CE [B,S,H] from one cross-entropy over [B*S*H, V]."
     x = logits.reshape(-1, logits.shape[-1]).to(_acc(logits.dtype))
     return F.cross_entropy(x, targets.reshape(-1), ignore_index=ignore_index, reduction="none").view(targets.shape)
 
+# %% ../nbs/01_loss.ipynb #a8f94f79
 def _ce_per_head(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
     "Every row's CE [B,S,H], one head at a time on contiguous [B*S, V] slices."
     V, acc = logits.shape[-1], _acc(logits.dtype)
@@ -136,12 +145,14 @@ def _mm_dtype(x: Tensor) -> torch.dtype:
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if x.dtype == torch.float32 and torch.is_autocast_enabled(dev) else x.dtype
 
+# %% ../nbs/01_loss.ipynb #d8737329
 def _chunk_ce(h: Tensor, W: Tensor, t: Tensor) -> Tensor:
     "CE of a chunk of rows: logits in the matmul dtype, log-sum-exp in fp32."
     z = h @ W.T
     z = z.to(_acc(z.dtype))
     return torch.logsumexp(z, -1) - z.gather(-1, t[:, None])[:, 0]
 
+# %% ../nbs/01_loss.ipynb #5e7a7474
 def _chunk_ce_grad(h: Tensor, W: Tensor, t: Tensor, c: Tensor, gW: Tensor | None, need_h: bool, k: Tensor | None = None):
     "CE of a chunk of rows; adds the chunk's gradient of sum(c * ce) for W, divided by `k`, to `gW`; returns the one for `h`."
     z = h @ W.T
@@ -165,12 +176,14 @@ def _chunk_ce_grad(h: Tensor, W: Tensor, t: Tensor, c: Tensor, gW: Tensor | None
 _compiler = None  # private hook: a function like torch.compile; None means torch.compile
 _compiled: dict = {}  # function -> its compiled version (the function itself after a failure)
 
+# %% ../nbs/01_loss.ipynb #0e06036b
 def _compile_failed(fn, e: Exception):
     "Warn once that compiling `fn` failed and remember to run it eagerly."
     warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running it eagerly")
     _compiled[fn] = fn
     return fn
 
+# %% ../nbs/01_loss.ipynb #0610a6b8
 def _maybe_compiled(fn, compile: bool):
     "`fn`, or a caller of its compiled version that falls back to `fn` where compiling fails."
     if not compile: return fn
@@ -191,6 +204,7 @@ def _gW_unit(h: Tensor, c: Tensor, chunk: int) -> Tensor:
     k = c.amax() * (rows * torch.linalg.vector_norm(h, float("inf")).float() / 2**15).clamp(min=1)
     return k.clamp(min=torch.finfo(torch.float32).tiny)  # no rows that count: any positive unit
 
+# %% ../nbs/01_loss.ipynb #9aee757c
 class _FusedLinearCE(torch.autograd.Function):
     "sum(c * CE(h @ W.T, t)) and each row's CE, with the gradients computed chunk by chunk in the forward."
     @staticmethod
@@ -219,10 +233,12 @@ class _FusedLinearCE(torch.autograd.Function):
         grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]  # in place, on the device: no host sync
         return *grads, None, None, None, None, None, None
 
+# %% ../nbs/01_loss.ipynb #70a1b778
 def _default_chunk(V: int) -> int:
     "Rows per chunk: about 2^24 logits (64 MB in fp32) at a time."
     return max(1, 2**24 // V)  # smaller chunks make the W-gradient matmul thin and slow (measured in 01a_loss_bench)
 
+# %% ../nbs/01_loss.ipynb #7c03317a
 def _fused(hidden, W, targets, c, chunk_size, compile) -> tuple[Tensor, Tensor]:
     "The loss sum(c * ce) and the CE [B,S,H] from hidden states; rows with c = 0 give no gradient and CE 0."
     h, t, cr = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), c.reshape(-1)
@@ -242,6 +258,7 @@ def _fused(hidden, W, targets, c, chunk_size, compile) -> tuple[Tensor, Tensor]:
 # %% ../nbs/01_loss.ipynb #331af1f4
 _PATHS = ("auto", "flatten", "per_head", "fused")
 
+# %% ../nbs/01_loss.ipynb #2fbe3182
 def _resolve_path(path: str, logits, hidden) -> str:
     "The concrete path for `path` and the given inputs."
     if path not in _PATHS: raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
@@ -250,6 +267,7 @@ def _resolve_path(path: str, logits, hidden) -> str:
     if path != "fused" and logits is None: raise ValueError(f"path={path!r} needs logits [B,S,H,V]; with hidden states use path='fused'")
     return path
 
+# %% ../nbs/01_loss.ipynb #c0f46bd9
 def weighted_mtp_loss(*, targets: Tensor, # [B,S,H] integer targets, e.g. from `mtp_targets`
                       logits: Tensor | None = None, # [B,S,H,V], for the flatten and per_head paths
                       hidden: Tensor | None = None, # [B,S,H,D] final hidden states, for the fused path

@@ -23,6 +23,7 @@ def _inputs(B, S, H, D, V, dtype, device, seed=0):
     W = (torch.randn(V, D, generator=g) / D**0.5).to(device, dtype).requires_grad_()
     return targets.to(device), weights.to(device), hidden, W
 
+# %% ../nbs/01a_loss_bench.ipynb #af6e6357
 def _step(path, targets, weights, hidden, W, chunk_size=None) -> float:
     "One forward + backward of `path`; returns the loss."
     hidden.grad = W.grad = None
@@ -50,6 +51,7 @@ def _peak_probe(device: str):
                 torch.mps.driver_allocated_memory, "MPS driver allocation")
     return (lambda: process_memory().rss, lambda: process_memory().peak, "process peak RSS")
 
+# %% ../nbs/01a_loss_bench.ipynb #1bf4c3a9
 def _measure(path, B, S, H, D, V, dtype, device, repeats, chunk_size=None) -> dict:
     "Extra peak memory of one step of `path` and the median time of `repeats` more, in this process."
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -89,6 +91,7 @@ def bench_loss_paths(B: int = 2, S: int = 512, H: int = 4, D: int = 256, V: int 
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     return rows
 
+# %% ../nbs/01a_loss_bench.ipynb #dfb4ee24
 def bench_table(rows: list[dict], base: str = "flatten") -> str:
     "A markdown table of benchmark rows, with time and memory relative to the `base` path."
     ref = next((r for r in rows if r["path"] == base), rows[0])

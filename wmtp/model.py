@@ -23,6 +23,7 @@ __all__ = ['HEAD_LAYOUTS', 'MTPConfig', 'KVCache', 'Block', 'SeqModule', 'MLPHea
 # %% ../nbs/04_model.ipynb #981ffacc
 HEAD_LAYOUTS = ("parallel", "sequential", "mlp")
 
+# %% ../nbs/04_model.ipynb #3ad5020f
 @dataclass
 class MTPConfig:
     "Hyperparameters of an `MTPTransformer`."
@@ -86,6 +87,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, n_head: int, cache: KVCache | None,
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
     return y.transpose(1, 2).reshape(B, Tq, D)
 
+# %% ../nbs/04_model.ipynb #0e20c367
 class Block(nn.Module):
     "Pre-norm transformer block: causal self-attention and an MLP, each on the residual stream."
     def __init__(self, cfg: MTPConfig):
@@ -158,6 +160,7 @@ def _make_heads(cfg: MTPConfig) -> nn.ModuleList:
     if cfg.heads == "sequential": return nn.ModuleList(SeqModule(cfg) for _ in range(H - 1))
     return nn.ModuleList([MLPHeads(cfg, H - 1)] if H > 1 else [])
 
+# %% ../nbs/04_model.ipynb #cd929e3b
 class MTPTransformer(nn.Module):
     "Multi-token-prediction transformer: trunk, H heads (parallel, sequential or mlp layout), shared final norm and unembedding."
     def __init__(self, cfg: MTPConfig):
@@ -260,6 +263,7 @@ def _run_heads(self: MTPTransformer, x: Tensor, emb: Tensor, H: int, cache: KVCa
 # %% ../nbs/04_model.ipynb #84fcfe3c
 def _count(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
 
+# %% ../nbs/04_model.ipynb #ab21f59e
 @patch
 def param_counts(self: MTPTransformer) -> dict[str, int]:
     "Parameters by part: embedding, trunk, heads, final norm, untied unembedding, total."
@@ -268,6 +272,7 @@ def param_counts(self: MTPTransformer) -> dict[str, int]:
              final_norm=_count(self.norm), unembedding=0 if tied else _count(self.lm_head))
     return dict(d, total=sum(d.values()))
 
+# %% ../nbs/04_model.ipynb #203b1da6
 @patch
 def num_params(self: MTPTransformer, non_embedding: bool = False) -> int:
     "Number of parameters (shared ones once); `non_embedding` leaves out embeddings and unembedding."
@@ -285,11 +290,13 @@ def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torc
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
+# %% ../nbs/04_model.ipynb #6dbd41df
 @patch
 def _head_logits(self: MTPTransformer, hidden: Tensor) -> Tensor:
     "Logits [B,H,V] of every head at the last position only (cheaper than logits for all positions)."
     return F.linear(hidden[:, -1], self.unembedding)
 
+# %% ../nbs/04_model.ipynb #b0eb0cfa
 @patch
 def _decode(self: MTPTransformer, ids, max_new_tokens, temperature, top_k, generator, use_cache):
     "Greedy or sampled decoding with head 0."
@@ -311,11 +318,13 @@ def _draft_state(self: MTPTransformer) -> dict:
     if c.heads == "sequential": return dict(caches=[KVCache(c.n_head_layers, c.max_seq_len) for _ in range(n)], hidden=[None] * n)
     return {}
 
+# %% ../nbs/04_model.ipynb #9c19e4d3
 @patch
 def _draft(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
     "`m` draft tokens [m] after the sure token `seq[-1]`; `x` [1,n,D] is the trunk output at the newly accepted positions, the last is p'."
     return getattr(self, f"_draft_{self.cfg.heads}")(st, x, seq, m)
 
+# %% ../nbs/04_model.ipynb #366ab4c5
 @patch
 def _stacked_heads(self: MTPTransformer) -> list[dict]:
     "Heads 1..H-1's block weights stacked over heads, layer by layer, transposed for `bmm` (drafting runs the heads as one batch)."
@@ -328,6 +337,7 @@ def _stacked_heads(self: MTPTransformer) -> list[dict]:
                         fc=st(lambda b: b.fc.weight.T), out=st(lambda b: b.out.weight.T)))
     return out
 
+# %% ../nbs/04_model.ipynb #c6b96913
 def _batched_block(w: dict, h: Tensor, cache: KVCache, layer: int, last: bool, n_head: int) -> Tensor:
     "The blocks of K heads at once on `h` [K,T,D] (eval mode): `Block.forward` with each head's weights on one row of a batch."
     m, D = h.shape[0], h.shape[-1]
@@ -338,6 +348,7 @@ def _batched_block(w: dict, h: Tensor, cache: KVCache, layer: int, last: bool, n
     h = h + torch.bmm(_attend(torch.bmm(a[:, -h.shape[1]:], w["q"]), k, v, n_head, cache, layer), w["proj"])
     return h + torch.bmm(F.gelu(torch.bmm(F.rms_norm(h, (D,), eps=w["eps"]) * w["n2"], w["fc"])), w["out"])
 
+# %% ../nbs/04_model.ipynb #4afabc08
 @patch
 def _draft_parallel(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
     "Heads 1..m as one batch, at p'; before p' their last block writes keys and values only."
@@ -346,12 +357,14 @@ def _draft_parallel(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: i
     st["cache"].length += x.shape[1]
     return F.linear(self.norm(h[:, -1]), self.unembedding).argmax(-1)
 
+# %% ../nbs/04_model.ipynb #e7e32821
 @patch
 def _draft_mlp(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
     "The first m MLP heads, at p' only."
     n = self.norm(x[0, -1])
     return F.linear(n + self.heads[0](n, m), self.unembedding).argmax(-1)
 
+# %% ../nbs/04_model.ipynb #b1fd964e
 @patch
 def _draft_sequential(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
     "Modules 1..m one after the other at p', module k fed draft k-1 (or the sure token) as token p'+k."

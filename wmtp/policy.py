@@ -25,6 +25,7 @@ def _ver(s: str) -> tuple[int, ...]:
     "Leading numeric parts of a version string: '2.6.0+cu124' -> (2, 6, 0); '' -> ()."
     return tuple(int(p) for p in re.findall(r"\d+", str(s).split("+")[0])[:3])
 
+# %% ../nbs/02_policy.ipynb #193bdb0a
 def _try(fn: Callable, default=None):
     "Call `fn`, or return `default` where the backend raises (torch.mps.* raise on Linux)."
     try: return fn()
@@ -32,6 +33,7 @@ def _try(fn: Callable, default=None):
 
 MPS_MIN_TORCH = (2, 8)  # index_copy_ on MPS (pytorch #154326) and a GradScaler without float64 on MPS (#150255)
 
+# %% ../nbs/02_policy.ipynb #7d3908ef
 def _macos_version(newer: Callable | None = None, # (major, minor) -> bool; None: torch.backends.mps.is_macos_or_newer
                    mac_ver: Callable = platform.mac_ver) -> str:
     "The macOS version, asked of the OS through torch; platform.mac_ver() only where torch cannot say."
@@ -41,6 +43,7 @@ def _macos_version(newer: Callable | None = None, # (major, minor) -> bool; None
     if major is None: return s
     return s if _ver(s)[:1] == (major,) else f"{major}.0"  # e.g. Python built for 10.x reports "10.16" on macOS 14
 
+# %% ../nbs/02_policy.ipynb #c83e65d3
 @dataclass
 class Capabilities:
     "What this machine and torch build can do; inject one to test the decisions for another machine."
@@ -78,6 +81,7 @@ _ALIASES = {"fp32": ("fp32", "float32", "32", "full"), "bf16": ("bf16", "bfloat1
             "fp16": ("fp16", "float16", "half", "16", "16-mixed")}
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# %% ../nbs/02_policy.ipynb #bc36e638
 def _canon_precision(p) -> str:
     "'auto' or one of fp32|bf16|fp16 from a name, an alias or a torch dtype."
     if isinstance(p, torch.dtype): p = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(p, p)
@@ -87,6 +91,7 @@ def _canon_precision(p) -> str:
     if s == "auto": return s
     raise ValueError(f"precision={p!r} is not one of auto|fp32|bf16|fp16 (aliases: {', '.join(sum(_ALIASES.values(), ()))})")
 
+# %% ../nbs/02_policy.ipynb #2cd3dc21
 def _check_mps_torch(dev: torch.device, caps: Capabilities) -> torch.device:
     "`dev`, unless it is MPS with a torch too old to train there."
     if dev.type == "mps" and _ver(caps.torch_version) < MPS_MIN_TORCH:
@@ -95,6 +100,7 @@ def _check_mps_torch(dev: torch.device, caps: Capabilities) -> torch.device:
                            f"Upgrade with pip install -U 'torch>=2.8', or pass device='cpu'")
     return dev
 
+# %% ../nbs/02_policy.ipynb #22a29172
 def _resolve_device(req, caps: Capabilities) -> tuple[torch.device, str]:
     "The device for `req` ('auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device), and why."
     avail = [d for d, ok in (("cuda", caps.cuda), ("mps", caps.mps), ("cpu", True)) if ok]
@@ -106,6 +112,7 @@ def _resolve_device(req, caps: Capabilities) -> tuple[torch.device, str]:
         raise RuntimeError(f"device={req!r} was requested but {dev.type.upper()} is not available on this machine (available: {', '.join(avail)})")
     return _check_mps_torch(dev, caps), "requested"
 
+# %% ../nbs/02_policy.ipynb #54e15b3c
 def _unsupported(dev: str, caps: Capabilities) -> dict[str, str]:
     "Precisions `dev` cannot honour, each with the reason (fp32 always works)."
     t, m = caps.torch_version, caps.macos or "none"
@@ -116,6 +123,7 @@ def _unsupported(dev: str, caps: Capabilities) -> dict[str, str]:
         return no
     return {"fp16": "fp16 on CPU is slow and needs a GradScaler; use bf16 or fp32"}
 
+# %% ../nbs/02_policy.ipynb #c1ef2ecd
 def _resolve_precision(req, dev: str, caps: Capabilities) -> tuple[str, str]:
     "The precision for `req` on device type `dev`, and why."
     p, no = _canon_precision(req), _unsupported(dev, caps)
@@ -131,6 +139,7 @@ def _resolve_precision(req, dev: str, caps: Capabilities) -> tuple[str, str]:
 # %% ../nbs/02_policy.ipynb #581f8089
 _LOSS_PATHS = ("auto", "flatten", "per_head", "fused")
 
+# %% ../nbs/02_policy.ipynb #4f6d0c07
 class DevicePolicy:
     "Decides device, precision, DataLoader and compile settings from the machine's capabilities, and says why."
     def __init__(self, device="auto",     # auto|cpu|cuda|cuda:N|mps
@@ -182,16 +191,19 @@ class DevicePolicy:
 _MPS_WORKERS = ("num_workers=0 on MPS: macOS starts DataLoader workers as fresh interpreters that re-import "
                 "the script, which costs more than loading small token batches in the main process")
 
+# %% ../nbs/02_policy.ipynb #de78d7a6
 def _epoch_seed(seed: int, epoch: int) -> int:
     "One generator seed per (seed, epoch) pair."
     return (seed * 1_000_003 + epoch) % 2**63
 
+# %% ../nbs/02_policy.ipynb #a9497273
 def _seed_worker(worker_id: int):
     "Seed python's and numpy's RNGs in a worker from torch's worker seed (which the generator fixes)."
     import numpy as np
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
 
+# %% ../nbs/02_policy.ipynb #4d5f309a
 @patch
 def _workers(self: DevicePolicy, in_memory: bool = False) -> tuple[int, str]:
     "The number of DataLoader workers, and why."
@@ -200,6 +212,7 @@ def _workers(self: DevicePolicy, in_memory: bool = False) -> tuple[int, str]:
     if self.device.type == "mps": return 0, "auto on MPS (spawned workers cost more than they save)"
     return max(0, min(4, self.caps.cpu_count - 1)), f"auto: min(4, {self.caps.cpu_count} CPUs - 1)"
 
+# %% ../nbs/02_policy.ipynb #069fd680
 @patch
 def dataloader_kwargs(self: DevicePolicy, in_memory: bool = False, shuffle: bool = False, epoch: int = 0) -> dict:
     "DataLoader keyword arguments: workers, pinning and a generator seeded from (seed, epoch)."
@@ -216,6 +229,7 @@ def _brief(e: Exception) -> str:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     return f"{type(e).__name__}: {' '.join(lines[:2])[:240]}"
 
+# %% ../nbs/02_policy.ipynb #79a2779c
 class _EagerFallback:
     "Calls the compiled function; if its first call fails, says so once and calls the original from then on."
     def __init__(self, compiled: Callable, original: Callable, say: Callable):
@@ -231,6 +245,7 @@ class _EagerFallback:
             return out
         return (self.compiled if self.ok else self.original)(*args, **kwargs)
 
+# %% ../nbs/02_policy.ipynb #3ddbecd8
 @patch
 def maybe_compile(self: DevicePolicy, fn_or_module):
     "`torch.compile(fn_or_module)` when compile is on, falling back to eager where it fails; else unchanged."
@@ -264,12 +279,14 @@ def memory_stats(self: DevicePolicy) -> dict[str, float]:
     put("cpu_rss", lambda: process_memory().rss)
     return out
 
+# %% ../nbs/02_policy.ipynb #d1db4838
 @patch
 def synchronize(self: DevicePolicy):
     "Wait for queued device work (a CPU-GPU sync point: for timings, not for the training loop)."
     # a policy for another machine (injected capabilities) touches no backend that this one lacks
     if {"cuda": self.caps.cuda, "mps": self.caps.mps}.get(self.device.type): _try(lambda: sync(self.device))
 
+# %% ../nbs/02_policy.ipynb #4a1319bc
 @patch
 def to(self: DevicePolicy, x):
     "Move a tensor, a module or a (nested) dict/list/tuple batch to the device; other values pass through."
@@ -312,19 +329,23 @@ class DeviceSettings:
         "The settings this sets (not None), as `DevicePolicy` keyword arguments."
         return {f.name: getattr(self, f.name) for f in fields(DeviceSettings) if getattr(self, f.name) is not None}
 
+# %% ../nbs/02_policy.ipynb #e01d1a80
 def _setting_types() -> dict[str, tuple[type, ...]]:
     "Each setting's allowed types, read from `DeviceSettings`' annotations (None aside)."
     hints = get_type_hints(DeviceSettings)
     return {f.name: tuple(t for t in (get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)) for f in fields(DeviceSettings)}
 
+# %% ../nbs/02_policy.ipynb #3dea3739
 def _profile_dir() -> Path:
     "Where the shipped profiles are (package data)."
     return Path(str(files("wmtp"))) / "configs" / "profiles"
 
+# %% ../nbs/02_policy.ipynb #2ae642eb
 def profile_names() -> list[str]:
     "Names of the shipped profiles."
     return sorted(p.stem for p in _profile_dir().glob("*.yaml"))
 
+# %% ../nbs/02_policy.ipynb #2731072c
 def _check_settings(d: dict, where: str, extra: dict | None = None):
     "Raise on a key that is not a setting (naming the closest one) or a value of the wrong type."
     types_ = {**_setting_types(), **(extra or {})}
@@ -335,6 +356,7 @@ def _check_settings(d: dict, where: str, extra: dict | None = None):
         if not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok):
             raise TypeError(f"{where}: key {k!r} must be {' or '.join(t.__name__ for t in ok)}, got {type(v).__name__} {v!r}")
 
+# %% ../nbs/02_policy.ipynb #bae44943
 def load_profile(name_or_path) -> DeviceSettings:
     "The settings of a shipped profile (by name) or a YAML file (by path): only those it names are set."
     p = Path(name_or_path)
@@ -350,6 +372,7 @@ def load_profile(name_or_path) -> DeviceSettings:
 
 _RUN_KWARGS = dict(seed=(int,), verbose=(bool,))  # policy arguments that belong to a run, not to a device: never in a profile
 
+# %% ../nbs/02_policy.ipynb #f643845c
 @patch(cls_method=True)
 def from_profile(cls: DevicePolicy, name_or_path, **overrides) -> DevicePolicy:
     "A policy from a profile, with keyword overrides on top (`caps` may be injected too)."

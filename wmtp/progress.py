@@ -15,8 +15,10 @@ __all__ = ['progress_mode', 'TrainingProgress', 'plot_head_losses', 'plot_weight
 # %% ../nbs/06a_progress.ipynb #bcc11902
 _MODES = ("notebook", "bar", "lines", "off")
 
+# %% ../nbs/06a_progress.ipynb #af8d1ba1
 def _is_kernel_stream(f) -> bool: return type(f).__module__.startswith("ipykernel")
 
+# %% ../nbs/06a_progress.ipynb #bc051c9f
 def progress_mode(file=None) -> str:
     "How to show progress on `file` (default stdout): 'notebook', 'bar' or 'lines'."
     file = sys.stdout if file is None else file
@@ -29,8 +31,10 @@ def progress_mode(file=None) -> str:
 # %% ../nbs/06a_progress.ipynb #306f9edc
 def _num(v) -> float: return float(v.item() if hasattr(v, "item") else v)
 
+# %% ../nbs/06a_progress.ipynb #ba6e035a
 def _fmt(v: float) -> str: return f"{v:.4g}"
 
+# %% ../nbs/06a_progress.ipynb #d4943d59
 class TrainingProgress:
     "Progress over `total` steps: a bar (with a loss plot in Jupyter) or a plain line every `log_every` steps."
     def __init__(self, total: int, # number of steps
@@ -69,6 +73,7 @@ def _open(self: TrainingProgress):
         self._bar = NBMasterBar(range(self.total), total=self.total)
     if self._bar is not None: self._bar.update(0)
 
+# %% ../nbs/06a_progress.ipynb #589e11e8
 @patch
 def _interval(self: TrainingProgress):
     "Record the metrics at this step, then print a line / refresh the bar and plot."
@@ -87,6 +92,7 @@ def _interval(self: TrainingProgress):
                                     for k in keys], x_bounds=(0, self.total))
     elif self.mode == "bar": self._bar.comment = text
 
+# %% ../nbs/06a_progress.ipynb #7ae246be
 @patch
 def update(self: TrainingProgress, step: int, metrics: dict | None = None):
     "Record that `step` steps are done, with the latest `metrics`."
@@ -101,6 +107,7 @@ def update(self: TrainingProgress, step: int, metrics: dict | None = None):
         self._interval()
     if self._bar is not None: self._bar.update(step)
 
+# %% ../nbs/06a_progress.ipynb #b4ad28fe
 @patch
 def close(self: TrainingProgress):
     "Finish: a last line (or bar update) for steps after the last interval."
@@ -112,6 +119,7 @@ def close(self: TrainingProgress):
     if self.mode == "bar": print(file=sys.stdout, flush=True)   # leave the finished bar on its own line
     self._bar = None
 
+# %% ../nbs/06a_progress.ipynb #ba08b7f5
 @patch
 def write(self: TrainingProgress, line: str):
     "Print a message (e.g. validation results) without breaking the bar."
@@ -120,9 +128,11 @@ def write(self: TrainingProgress, line: str):
     elif self.mode == "bar": print("\n" + line, flush=True)
     else: print(line, file=self.file, flush=True)
 
+# %% ../nbs/06a_progress.ipynb #1ddf64ec
 @patch
 def __enter__(self: TrainingProgress): return self
 
+# %% ../nbs/06a_progress.ipynb #62354b1c
 @patch
 def __exit__(self: TrainingProgress, *exc): self.close()
 
@@ -151,6 +161,7 @@ def _np(x) -> np.ndarray:
     if hasattr(x, "detach"): x = x.detach().float().cpu().numpy() if x.dtype.is_floating_point else x.detach().cpu().numpy()
     return np.asarray(x)
 
+# %% ../nbs/06a_progress.ipynb #801d3f06
 def plot_weight_histogram(weights, # [B,S,H] (or any shape; the last dim is the head when `per_head`)
                           mask=None, # bool, same shape or without the head dim: which entries count
                           per_head: bool = True, bins: int = 50,

@@ -25,11 +25,13 @@ class DevicesConfig(DeviceSettings):
     "The config's device settings (`wmtp.policy.DeviceSettings`, each optional: unset takes the profile's, else the policy's default)."
     profile: Optional[str] = None      # a profile name (wmtp/configs/profiles) or a YAML path: a partial config under these
 
+# %% ../nbs/09_recipes.ipynb #3482b7cd
 @dataclass
 class PathsConfig:
     "Where a run writes."
     out: str = "wmtp-runs/default"  # run directory: checkpoints/, mlflow.db, plots, model.safetensors
 
+# %% ../nbs/09_recipes.ipynb #fe5749dc
 @dataclass
 class TrackingConfig:
     "MLflow tracking and progress output."
@@ -39,6 +41,7 @@ class TrackingConfig:
     run_name: Optional[str] = None
     log_every: int = 10             # optimizer steps between metric lines
 
+# %% ../nbs/09_recipes.ipynb #06b5abc6
 @dataclass
 class CheckpointsConfig:
     "Checkpoint manager settings."
@@ -47,6 +50,7 @@ class CheckpointsConfig:
     keep_best: Optional[int] = 1    # also keep the best by validation loss
     save_final: bool = True
 
+# %% ../nbs/09_recipes.ipynb #afb3955e
 @dataclass
 class DistributedConfig:
     "Several processes under torchrun (FSDP2)."
@@ -54,6 +58,7 @@ class DistributedConfig:
     backend: str = "auto"           # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_s: float = 120.0        # a dead rank makes the others fail within this time
 
+# %% ../nbs/09_recipes.ipynb #cf6e1ca6
 @dataclass
 class Config:
     "Where and how a run happens."
@@ -67,6 +72,7 @@ class Config:
 # %% ../nbs/09_recipes.ipynb #39da1523
 ALGORITHMS = ("baseline", "critic", "rho1-weighted", "rho1-tokenskip")
 
+# %% ../nbs/09_recipes.ipynb #69808939
 @dataclass
 class ModelRecipe:
     "The MTP transformer's shape (fields of `wmtp.model.MTPConfig`), or a pretrained model to put the heads on (`wmtp.hf`)."
@@ -83,6 +89,7 @@ class ModelRecipe:
     train: str = "all"                # with `pretrained`: all, or heads (only the extra heads learn; the pretrained model stays frozen)
     tokenizer: Optional[str] = None   # with `pretrained`: another tokenizer (folder or Hub id) than the model's own
 
+# %% ../nbs/09_recipes.ipynb #b3f48814
 @dataclass
 class DataRecipe:
     "Which corpus and how it is cut into batches."
@@ -95,6 +102,7 @@ class DataRecipe:
     n_tasks: int = 200              # builtin-tasks: generated functions (each with mutants)
     only_correct: bool = False      # train only on records that pass their tests (clean data, e.g. a Rho-1 reference)
 
+# %% ../nbs/09_recipes.ipynb #32a4e30d
 @dataclass
 class OptimRecipe:
     "Optimisation: AdamW, warmup + cosine, accumulation, clipping, evaluation cadence."
@@ -111,6 +119,7 @@ class OptimRecipe:
     early_stop_patience: Optional[int] = None
     nonfinite: str = "skip"         # skip | stop
 
+# %% ../nbs/09_recipes.ipynb #1d1751b8
 @dataclass
 class LossRecipe:
     "The weighted MTP loss (`wmtp.loss.weighted_mtp_loss`)."
@@ -118,6 +127,7 @@ class LossRecipe:
     path: str = "auto"              # auto | flatten | per_head | fused
     chunk_size: Optional[int] = None
 
+# %% ../nbs/09_recipes.ipynb #c7edbe56
 @dataclass
 class WeighterRecipe:
     "Settings of the weighting algorithms; each algorithm reads its own."
@@ -139,6 +149,7 @@ class WeighterRecipe:
     temperature: float = 2.0            # rho1-weighted: softmax temperature of the excess losses
     keep_ratio: float = 0.6             # rho1-tokenskip
 
+# %% ../nbs/09_recipes.ipynb #41f03435
 @dataclass
 class Recipe:
     "What a run trains."
@@ -156,11 +167,13 @@ class ConfigError(ValueError):
 _SYNONYMS = {"learning_rate": "lr", "steps": "max_steps", "num_steps": "max_steps", "n_heads": "n_future",
              "batch": "batch_size", "warmup": "warmup_steps", "accumulation": "grad_accum"}
 
+# %% ../nbs/09_recipes.ipynb #be2c97c4
 def _suggest(key, valid):
     "The hint of an error about `key`: the closest valid key (by spelling or by a synonym), else the valid keys."
     close = suggest(key, valid, _SYNONYMS, cutoff=0.5)
     return f" (did you mean '{close}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
 
+# %% ../nbs/09_recipes.ipynb #01c4d1b7
 def _check_type(value, tp, name):
     "Return `value` converted to type `tp`, or raise `ConfigError` naming `name`."
     origin, args = get_origin(tp), get_args(tp)
@@ -190,6 +203,7 @@ def _check_type(value, tp, name):
     tname = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"'{name}' must be {tname}, got {type(value).__name__} {value!r}")
 
+# %% ../nbs/09_recipes.ipynb #a5444b33
 def from_dict(cls, data: dict | None, prefix: str = ""):
     "Build dataclass `cls` from `data`, rejecting unknown keys and wrong types by name."
     data = data or {}
@@ -205,6 +219,7 @@ _CHOICES = {"algorithm": ALGORITHMS, "loss.norm": ("global", "token"), "loss.pat
             "distributed.strategy": ("auto", "none", "fsdp2"), "distributed.backend": ("auto", "gloo", "nccl"),
             "model.heads": ("parallel", "sequential", "mlp"), "model.train": ("all", "heads")}
 
+# %% ../nbs/09_recipes.ipynb #f628d0fa
 def _get(obj, dotted):
     for part in dotted.split("."): obj = getattr(obj, part)
     return obj
@@ -213,6 +228,7 @@ _POSITIVE = ("optim.max_steps", "optim.grad_accum", "optim.eval_batches", "optim
              "data.n_tasks", "model.d_model", "model.n_layer", "model.n_head", "model.n_future", "model.max_seq_len", "model.n_head_layers",
              "checkpoints.keep_last", "tracking.log_every", "optim.lr")
 
+# %% ../nbs/09_recipes.ipynb #b230b4b9
 def validate(obj):
     "Check the choice-valued and positive fields of a `Config` or `Recipe`; return it."
     for key, choices in _CHOICES.items():
@@ -227,6 +243,7 @@ def validate(obj):
     _check_weighting(obj)
     return obj
 
+# %% ../nbs/09_recipes.ipynb #faa2113d
 def _check_weighting(obj):
     "Weight bounds that can average 1; a warning when a weighting algorithm meets the per-token norm."
     try: alg, norm, w = obj.algorithm, obj.loss.norm, obj.weighter
@@ -242,6 +259,7 @@ def _check_weighting(obj):
 import wmtp
 CONFIG_DIR = Path(wmtp.__file__).resolve().parent / "configs"
 
+# %% ../nbs/09_recipes.ipynb #fb187dd4
 def _resolve(name_or_path, kind: str) -> Path:
     "Find a shipped file of `kind` ('recipes' or '') by name, or take a path."
     p = Path(str(name_or_path)).expanduser()
@@ -255,18 +273,21 @@ def _resolve(name_or_path, kind: str) -> Path:
     known = sorted(f.stem for f in folder.glob("*.yaml"))
     raise FileNotFoundError(f"no shipped {kind.rstrip('s') or 'config'} named '{name_or_path}'{_suggest(str(name_or_path), known)}")
 
+# %% ../nbs/09_recipes.ipynb #b15e2e88
 def _read_yaml(path: Path) -> dict:
     try: data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is not None and not isinstance(data, dict): raise ConfigError(f"{path}: the top level must be a mapping")
     return data or {}
 
+# %% ../nbs/09_recipes.ipynb #7dcf10d9
 def load_config(path=None) -> Config:
     "Load a config file (default: the shipped `config.local.yaml`)."
     p = _resolve(path or "config.local", "")
     try: return validate(from_dict(Config, _read_yaml(p)))
     except ConfigError as e: raise ConfigError(f"{p}: {e}") from None
 
+# %% ../nbs/09_recipes.ipynb #5d3378e8
 def load_recipe(name_or_path="baseline") -> Recipe:
     "Load a recipe by shipped name (`baseline`, `critic`, `rho1_weighted`, `rho1_tokenskip`) or path."
     p = _resolve(name_or_path, "recipes")
@@ -279,12 +300,14 @@ SHORT_NAMES = {"max_steps": "recipe.optim.max_steps", "save_interval": "config.c
                "out": "config.paths.out", "device": "config.devices.device", "precision": "config.devices.precision",
                "reference": "recipe.weighter.reference", "batch_size": "recipe.data.batch_size"}
 
+# %% ../nbs/09_recipes.ipynb #b4c08e72
 def _all_keys(obj, prefix=""):
     for f in fields(obj):
         v = getattr(obj, f.name)
         if is_dataclass(v): yield from _all_keys(v, f"{prefix}{f.name}.")
         else: yield prefix + f.name
 
+# %% ../nbs/09_recipes.ipynb #a8563f8e
 def apply_overrides(config: Config, recipe: Recipe, overrides=()) -> tuple[Config, Recipe]:
     "Return copies of `config` and `recipe` with `key=value` overrides applied and checked."
     cd, rd = asdict(config), asdict(recipe)

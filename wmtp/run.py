@@ -22,6 +22,7 @@ __all__ = ['RUN_INFO', 'MODEL_FILE', 'CHECKPOINTS', 'PLOTS', 'HF_DIR', 'write_ru
 # %% ../nbs/05a_run.ipynb #7c2dcf79
 RUN_INFO, MODEL_FILE, CHECKPOINTS, PLOTS = "run.json", "model.safetensors", "checkpoints", "plots"
 
+# %% ../nbs/05a_run.ipynb #86cbe24d
 def write_run_info(run_dir, info: dict) -> Path:
     "Write `info` as the run directory's `run.json` (values JSON cannot hold are written as text)."
     p = Path(run_dir) / RUN_INFO
@@ -29,6 +30,7 @@ def write_run_info(run_dir, info: dict) -> Path:
     p.write_text(json.dumps(info, indent=2, default=str))
     return p
 
+# %% ../nbs/05a_run.ipynb #06cf56f2
 def read_run_info(run_dir) -> dict:
     "The run directory's `run.json`, or a clear error when it is not a wmtp run."
     p = Path(run_dir) / RUN_INFO
@@ -52,6 +54,7 @@ class RunPaths(NamedTuple):
     weights: Path | None     # a safetensors file, or None for a checkpoint
     checkpoint: Path | None  # DIR/checkpoints/step-N, or None
 
+# %% ../nbs/05a_run.ipynb #64cc675e
 def locate(path) -> RunPaths:
     "The run directory and the weights file or checkpoint that `path` (a run directory, a weights file, a checkpoint) names."
     p = Path(path).expanduser()
@@ -66,15 +69,18 @@ def locate(path) -> RunPaths:
 # %% ../nbs/05a_run.ipynb #d8b0a3d7
 HF_DIR = "hf"
 
+# %% ../nbs/05a_run.ipynb #54325e89
 def hf_source(info: dict) -> str | None:
     "The pretrained model (folder or Hub id) a run put its heads on, or None for wmtp's own model."
     return ((info.get("recipe") or {}).get("model") or {}).get("pretrained")
 
+# %% ../nbs/05a_run.ipynb #ae1db2ba
 def _hf_base(run_dir: Path, info: dict) -> str:
     "Where to build a pretrained run's model from: its own `hf/` export, else the pretrained source."
     from wmtp.hf import MTP_CONFIG
     return str(run_dir / HF_DIR) if (run_dir / HF_DIR / MTP_CONFIG).is_file() else hf_source(info)
 
+# %% ../nbs/05a_run.ipynb #a45df6b5
 def _hf_model(run_dir: Path, info: dict) -> nn.Module:
     import torch
     from wmtp.hf import from_pretrained
@@ -82,6 +88,7 @@ def _hf_model(run_dir: Path, info: dict) -> nn.Module:
     return from_pretrained(_hf_base(run_dir, info), n_future=mc["n_future"], n_head_layers=mc["n_head_layers"],
                            heads=mc.get("heads", "parallel"), dtype=torch.float32)  # runs from before the layouts: parallel
 
+# %% ../nbs/05a_run.ipynb #46cad234
 def run_tokenizer(info: dict, run_dir=None):
     "The tokenizer a run trained with: the pretrained model's (`wmtp.hf.HFTokenizer`) or the byte tokenizer."
     if not hf_source(info): return ByteTokenizer()
@@ -97,10 +104,12 @@ class LoadedRun(NamedTuple):
     run_dir: Path
     step: int              # the checkpoint's step, or the run's last step
 
+# %% ../nbs/05a_run.ipynb #5c519b72
 def _step(paths: RunPaths, info: dict) -> int:
     n = paths.checkpoint.name.split("-")[-1] if paths.checkpoint is not None else ""
     return int(n) if n.isdigit() else int(info.get("steps") or 0)
 
+# %% ../nbs/05a_run.ipynb #f43f8ae5
 def load_run(path, cfg: MTPConfig | None = None) -> LoadedRun:
     "The model of a run directory, its weights file or a checkpoint; `cfg` gives the shape where there is no run.json."
     paths = locate(path)
@@ -129,6 +138,7 @@ def export_run(path, to=None) -> Path:
     loaded = load_run(path)
     return save_hf(loaded.model, run_tokenizer(info, run_dir), dest)
 
+# %% ../nbs/05a_run.ipynb #62bad781
 def export_main(argv=None) -> int:
     "The `wmtp export` command; return the exit code."
     import argparse, sys

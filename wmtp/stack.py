@@ -17,6 +17,7 @@ MPS_MAX_ELEMENTS = 2**31  # the most elements one MPS tensor may hold
 MPS_MAX_BYTES = 4 * 2**30  # the most bytes one MPS tensor may hold
 _LIMITS = {"mps": (MPS_MAX_ELEMENTS, MPS_MAX_BYTES)}  # device type -> (elements, bytes); other devices have none
 
+# %% ../nbs/00_stack.ipynb #2c1af313
 def check_stack_size(device_type: str, shape: Sequence[int], dtype: torch.dtype, what: str = "stack_heads"):
     "Raise if a tensor of `shape` and `dtype` is too large for one tensor on `device_type` (only MPS has limits)."
     if device_type not in _LIMITS: return

@@ -20,6 +20,7 @@ def synth_tokens(n: int, seq_len: int = 12, vocab: int = 16, seed: int = 0) -> l
     labels = ids.masked_fill(torch.arange(seq_len) >= seq_len - n_pad[:, None], -100)
     return [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
 
+# %% ../nbs/06b_testing.ipynb #542d83a5
 class TinyLM(nn.Module):
     "An embedding and `n_heads` linear heads: head k at position t predicts token t+1+k. For tests."
     def __init__(self, vocab: int = 16, d: int = 16, n_heads: int = 2, dropout: float = 0.0):
@@ -30,6 +31,7 @@ class TinyLM(nn.Module):
         x = self.drop(self.emb(ids))
         return torch.stack([h(x) for h in self.heads], 2)  # [B,S,H,V]
 
+# %% ../nbs/06b_testing.ipynb #7cc28401
 def tiny_lm_loss(model: nn.Module, batch: dict):
     "Mean cross-entropy over all valid (position, head) rows: `(loss, n_tokens, {'ce_h{k}': (sum, count)})`."
     logits, labels = model(batch["input_ids"]), batch["labels"]

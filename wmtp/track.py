@@ -37,6 +37,7 @@ def _reachable(uri: str, timeout: float = 2.0) -> str | None:
 # %% ../nbs/06_track.ipynb #a160b6cf
 _HTTP_BOUNDS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
 
+# %% ../nbs/06_track.ipynb #85e7d42a
 class Tracker:
     "MLflow tracking of one run; on failure warns once and writes to files in `output_dir`."
     def __init__(self, output_dir, # folder of the run: embedded store, fallback files
@@ -90,6 +91,7 @@ def _why(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
 
+# %% ../nbs/06_track.ipynb #07824a07
 @patch
 def _raw(self: Tracker, fn, *args, **kwargs):
     "Call `fn` with the HTTP bounds in the environment (variables the user set win)."
@@ -101,6 +103,7 @@ def _raw(self: Tracker, fn, *args, **kwargs):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
+# %% ../nbs/06_track.ipynb #3fbbba5b
 @patch
 def _call(self: Tracker, what: str, fn, *args, **kwargs):
     "One MLflow call (after any batch in flight); on any exception switch to the fallback, return None."
@@ -111,6 +114,7 @@ def _call(self: Tracker, what: str, fn, *args, **kwargs):
         self._fail(f"{what}: {_why(e)}")
         return None
 
+# %% ../nbs/06_track.ipynb #3d0d4c44
 @patch
 def _fail(self: Tracker, reason: str):
     "Switch to the file fallback for good: one warning, buffered metrics to the JSONL file."
@@ -120,6 +124,7 @@ def _fail(self: Tracker, reason: str):
                   f"metrics go to {self.metrics_path}", RuntimeWarning, stacklevel=3)
     self._write_jsonl()
 
+# %% ../nbs/06_track.ipynb #c68a85fb
 @patch
 def _write_jsonl(self: Tracker):
     "Append the buffered metrics to `metrics.jsonl`, one JSON object per value."
@@ -150,6 +155,7 @@ def _submit(self: Tracker):
         except Exception as e: future.set_exception(e)
     self._inflight = (future, batch, sent)
 
+# %% ../nbs/06_track.ipynb #6b05ea73
 @patch
 def _wait(self: Tracker):
     "Wait for the batch in flight; if it failed, switch to the fallback with what was not sent."
@@ -163,10 +169,12 @@ def _wait(self: Tracker):
 # %% ../nbs/06_track.ipynb #e9eac669
 _LIVE = weakref.WeakSet()   # started trackers, ended at exit so that no buffered metric is lost
 
+# %% ../nbs/06_track.ipynb #3e9cbb12
 @atexit.register
 def _end_all():
     for t in list(_LIVE): t.end()
 
+# %% ../nbs/06_track.ipynb #73d83756
 @patch
 def start(self: Tracker) -> Tracker:
     "Create the run, or reopen `run_id`; on failure switch to the fallback. Returns self."
@@ -182,6 +190,7 @@ def start(self: Tracker) -> Tracker:
     self._call("start", self._open_run)
     return self
 
+# %% ../nbs/06_track.ipynb #4e931a23
 @patch
 def _experiment_id(self: Tracker) -> str:
     c = self._client
@@ -195,6 +204,7 @@ def _experiment_id(self: Tracker) -> str:
     if exp.lifecycle_stage == "deleted": c.restore_experiment(exp.experiment_id)
     return exp.experiment_id
 
+# %% ../nbs/06_track.ipynb #71f2e5ee
 @patch
 def _open_run(self: Tracker):
     import mlflow
@@ -222,6 +232,7 @@ def _open_run(self: Tracker):
 _NAME_OK = re.compile(r"^[/\w.\- :]+$")
 _MAX_PARAM, _MAX_TAG = 6000, 8000
 
+# %% ../nbs/06_track.ipynb #fbc50c22
 def _check_names(d, what: str) -> dict:
     "`d` as a dict with MLflow-valid string keys, else a ValueError/TypeError naming the key."
     if not isinstance(d, dict): raise TypeError(f"{what} must be a dict, got {type(d).__name__}")
@@ -230,10 +241,12 @@ def _check_names(d, what: str) -> dict:
             raise ValueError(f"{what} key {k!r}: names are at most 250 alphanumerics, _ - . : / and spaces")
     return d
 
+# %% ../nbs/06_track.ipynb #973e635a
 def _text(v, limit: int) -> str:
     s = v if isinstance(v, str) else str(v)
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
+# %% ../nbs/06_track.ipynb #44256a9c
 @patch
 def _merge_run_json(self: Tracker, section: str, items: dict):
     "Fallback for params and tags: merge them into `<output_dir>/tracking.json`."
@@ -242,6 +255,7 @@ def _merge_run_json(self: Tracker, section: str, items: dict):
     data.setdefault(section, {}).update(items)
     path.write_text(json.dumps(data, indent=1))
 
+# %% ../nbs/06_track.ipynb #cb4e0824
 @patch
 def log_params(self: Tracker, params: dict):
     "Log hyperparameters (stringified, long values truncated)."
@@ -262,6 +276,7 @@ def log_params(self: Tracker, params: dict):
     if self._client is None: self._merge_run_json("params", new)
     else: self._params.update(new)
 
+# %% ../nbs/06_track.ipynb #c169dfda
 @patch
 def set_tags(self: Tracker, tags: dict):
     "Set run tags (stringified)."
@@ -297,6 +312,7 @@ def log_metrics(self: Tracker, metrics: dict, step: int):
     self._wait()
     if self._client is not None: self._submit()
 
+# %% ../nbs/06_track.ipynb #691e4ba0
 @patch
 def flush(self: Tracker):
     "Send the buffered metrics and wait until they are stored (or write them to the JSONL file in fallback)."
@@ -320,6 +336,7 @@ def log_figure(self: Tracker, fig, name: str, dpi: int = 100):
         (self.output_dir / "figures").mkdir(parents=True, exist_ok=True)
         fig.savefig(self.output_dir / "figures" / name, dpi=dpi)
 
+# %% ../nbs/06_track.ipynb #466fe25f
 @patch
 def log_artifact(self: Tracker, path, artifact_path: str | None = None):
     "Log a file or folder as an artifact (copied to `<output_dir>/artifacts` in fallback)."
@@ -336,6 +353,7 @@ def log_artifact(self: Tracker, path, artifact_path: str | None = None):
         if path.is_dir(): shutil.copytree(path, dest, dirs_exist_ok=True)
         else: shutil.copy2(path, dest)
 
+# %% ../nbs/06_track.ipynb #1a025a47
 @patch
 def log_dict(self: Tracker, d: dict, name: str):
     "Log a dict as a JSON artifact `name` (to `<output_dir>/artifacts` in fallback)."
@@ -351,6 +369,7 @@ def log_dict(self: Tracker, d: dict, name: str):
 # %% ../nbs/06_track.ipynb #de24c821
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 
+# %% ../nbs/06_track.ipynb #5008d101
 @patch
 def end(self: Tracker, status: str = "FINISHED"):
     "Flush and close the run with `status` (FINISHED, FAILED or KILLED)."
@@ -361,9 +380,11 @@ def end(self: Tracker, status: str = "FINISHED"):
     if self._pool is not None: self._pool.shutdown(wait=True)
     self._client, self._started, self._pool = None, False, None   # logging again reopens the same run
 
+# %% ../nbs/06_track.ipynb #1606e2a6
 @patch
 def __enter__(self: Tracker): return self.start()
 
+# %% ../nbs/06_track.ipynb #1f9ad4af
 @patch
 def __exit__(self: Tracker, exc_type, exc, tb):
     self.end("FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")

@@ -42,6 +42,7 @@ QUICK = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.max_seq
 # prompts are kept whole: at 64 tokens most task records would be dropped, at 192 every built-in task fits
 QUICK_TASKS = ["model.max_seq_len=192", "data.seq_len=192"]
 
+# %% ../nbs/11_train.ipynb #322788b1
 def resolve(config=None, recipe="baseline", overrides=(), quick=False) -> tuple[Config, Recipe]:
     "Load the config and recipe (objects, names or paths) and apply `--quick` then the user's overrides."
     config = config if isinstance(config, Config) else load_config(config)
@@ -61,9 +62,11 @@ def _task_records(n_tasks: int, seed: int) -> tuple[dict, ...]:
     "Labelled built-in task records (their tests run once per process: several runs in one process share them; read only)."
     return tuple(labelled_records(builtin_tasks(n_tasks, seed=seed), n_mutants=2, seed=seed))
 
+# %% ../nbs/11_train.ipynb #0af3f03f
 @functools.lru_cache(maxsize=4)
 def _heldout(n_tasks: int, seed: int) -> tuple[dict, ...]: return tuple(heldout_records(n_tasks, seed=seed))
 
+# %% ../nbs/11_train.ipynb #d241864a
 def build_datasets(recipe: Recipe, tokenizer, seed: int = 0):
     "Training and validation datasets for the recipe's corpus; record datasets have `counts` (whole, trimmed, dropped) and `records`."
     d = recipe.data
@@ -92,6 +95,7 @@ def build_tokenizer(recipe: Recipe):
     from wmtp.hf import load_tokenizer
     return load_tokenizer(recipe.model.tokenizer or recipe.model.pretrained)
 
+# %% ../nbs/11_train.ipynb #ad61b9d5
 def _pretrained_model(recipe: Recipe, tokenizer):
     "MTP heads on the recipe's pretrained model (`wmtp.hf`); `model.train=heads` freezes the pretrained model."
     from wmtp.hf import from_pretrained
@@ -104,6 +108,7 @@ def _pretrained_model(recipe: Recipe, tokenizer):
     if m.train == "heads": model.lm.requires_grad_(False)  # only the extra heads learn: head 0 stays the pretrained model
     return model
 
+# %% ../nbs/11_train.ipynb #8861424c
 def build_model(recipe: Recipe, tokenizer) -> MTPTransformer:
     "The MTP transformer the recipe describes (or heads on its pretrained model)."
     m = recipe.model
@@ -112,12 +117,14 @@ def build_model(recipe: Recipe, tokenizer) -> MTPTransformer:
         raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
     return MTPTransformer(MTPConfig(vocab_size=tokenizer.vocab_size, **{k: v for k, v in asdict(m).items() if k not in ("pretrained", "train", "tokenizer")}))
 
+# %% ../nbs/11_train.ipynb #6bddb0c6
 def _hf_reference(ref: str) -> bool:
     "Whether a rho1 reference names a Hugging Face model (a folder with config.json and no run.json, or a Hub id)."
     from wmtp.hf import _is_local
     p = Path(ref).expanduser()
     return (p / "config.json").is_file() and not (p / "run.json").is_file() or not _is_local(ref)
 
+# %% ../nbs/11_train.ipynb #bb88ae4c
 def _reference_path(recipe: Recipe) -> Path:
     "The rho1 reference's model file, or a clear error when it is not given or not there."
     if not recipe.weighter.reference:
@@ -134,6 +141,7 @@ def _reference_path(recipe: Recipe) -> Path:
 # weighter settings that `train` reads (the critic's stage 1, rho1's reference), not the weighter itself
 _RUN_ONLY = ("stage1_steps", "value_lr", "reference", "lm_steps", "trunk_init", "stage1_trunk", "heldout_tasks")
 
+# %% ../nbs/11_train.ipynb #ec95fdfd
 def build_weighter(recipe: Recipe, model: MTPTransformer):
     "The weighter of the recipe's algorithm (from the weighter registry), bound to `model`."
     settings = {k: v for k, v in asdict(recipe.weighter).items() if k not in _RUN_ONLY}
@@ -191,6 +199,7 @@ def _preflight(recipe: Recipe):
     if recipe.data.corpus == "jsonl" and not (recipe.data.path and Path(recipe.data.path).is_file()):
         raise FileNotFoundError(f"data.corpus is 'jsonl' but data.path={recipe.data.path!r} is not a file")
 
+# %% ../nbs/11_train.ipynb #35fd326e
 def _check_pretrained(recipe: Recipe):
     "`model.pretrained` names a causal LM whose positions hold `data.seq_len`: checked from its config, before anything loads."
     from wmtp.hf import _is_local, _transformers
@@ -204,6 +213,7 @@ def _check_pretrained(recipe: Recipe):
     n = getattr(cfg.get_text_config(decoder=True), "max_position_embeddings", None)
     if n and recipe.data.seq_len > n: raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than the pretrained model's {n} positions")
 
+# %% ../nbs/11_train.ipynb #f168b950
 def _check_reference_vocab(recipe: Recipe):
     "A pretrained rho1 reference must share the model's vocabulary: compared from the configs, before anything loads."
     from wmtp.hf import _transformers
@@ -213,11 +223,13 @@ def _check_reference_vocab(recipe: Recipe):
         raise ConfigError(f"the rho1 reference {recipe.weighter.reference} has a vocabulary of {ref} tokens, the model {mine}: "
                           "rho1 compares their CE on the same tokens, so they must share one vocabulary")
 
+# %% ../nbs/11_train.ipynb #95cafc32
 def _check_out(out: Path, resume: bool):
     "A new run never writes into a directory that holds another run's checkpoints."
     if not resume and has_checkpoints(out):
         raise ConfigError(f"{out} already holds a run's checkpoints: pass --resume to continue it, or --out for a new run")
 
+# %% ../nbs/11_train.ipynb #f2acef75
 def _planned_ok(recipe: Recipe, train_ds, valid_ds, world_size: int = 1):
     "Enough data for one batch (per rank); batches that split evenly over the ranks."
     bs = recipe.data.batch_size
@@ -236,6 +248,7 @@ def _policy(config: Config, recipe: Recipe, verbose: bool) -> DevicePolicy:
     kw.update(seed=config.seed, verbose=verbose)
     return DevicePolicy.from_profile(config.devices.profile, **kw) if config.devices.profile else DevicePolicy(**kw)
 
+# %% ../nbs/11_train.ipynb #efbbe383
 def _start(config: Config, recipe: Recipe) -> tuple[DevicePolicy, wdist.DistContext]:
     "The device policy, and this process's place in the job (one process unless torchrun started several)."
     dc, env = config.distributed, launch_env()
@@ -257,6 +270,7 @@ def _optimizer(model, weighter, o) -> torch.optim.Optimizer:
     return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                              lr=o.lr, betas=tuple(o.betas))
 
+# %% ../nbs/11_train.ipynb #b34eef5c
 def _place(model, weighter, recipe: Recipe, policy: DevicePolicy, ctx) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     "The model sharded over the ranks (several processes), its optimizer, and the model compiled if asked."
     if ctx.world_size > 1:
@@ -283,6 +297,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else: out[prefix + k] = v
     return out
 
+# %% ../nbs/11_train.ipynb #81378208
 def _callbacks(config: Config, recipe: Recipe, opt, manager, tracker, weighter, history, ctx, resume: bool) -> list:
     "Every callback of the run."
     o, ck, tr = recipe.optim, config.checkpoints, config.tracking
@@ -306,6 +321,7 @@ def _trunk_has_features(recipe: Recipe) -> bool:
     "Whether the model starts trained (a run's weights, or a pretrained model): then no LM stage is needed."
     return bool(recipe.weighter.trunk_init or getattr(recipe.model, "pretrained", None))
 
+# %% ../nbs/11_train.ipynb #534f86c6
 def _init_trunk(recipe: Recipe, model):
     "Start the critic's model from a trained run's weights (`weighter.trunk_init`)."
     if recipe.algorithm != "critic" or not recipe.weighter.trunk_init: return
@@ -313,6 +329,7 @@ def _init_trunk(recipe: Recipe, model):
     except RuntimeError as e:
         raise ConfigError(f"weighter.trunk_init={recipe.weighter.trunk_init}: its model does not fit this recipe's model: {e}") from None
 
+# %% ../nbs/11_train.ipynb #7c6ed5c0
 def _stage1_sets(recipe: Recipe, train_ds, valid_ds, seed: int):
     "Records of the value fit (one family's labels kept out), the held-out records it is measured on, the held-out family's."
     recs = getattr(train_ds, "records", None) or []
@@ -325,6 +342,7 @@ def _stage1_sets(recipe: Recipe, train_ds, valid_ds, seed: int):
     else: held = [r for r in getattr(valid_ds, "records", None) or [] if r.get("is_correct") is not None]
     return recs, [r for r in held if record_family(r) not in fams], fam_recs + [r for r in held if record_family(r) in fams], sorted(fams)
 
+# %% ../nbs/11_train.ipynb #595b69d0
 def _critic_stage1(recipe: Recipe, weighter, model, train_ds, valid_ds, tok, policy: DevicePolicy, resuming: bool,
                    seed: int = 0, log=print) -> dict | None:
     "The critic's stage 1 (a resumed checkpoint already holds it): an LM stage unless the trunk starts trained, the value fit, its measure."
@@ -351,6 +369,7 @@ def _critic_stage1(recipe: Recipe, weighter, model, train_ds, valid_ds, tok, pol
             + (f"; held-out family {', '.join(fams)}: AUC {rep['family_auc']:.3f}" if "family_auc" in rep else ""))
     return rep
 
+# %% ../nbs/11_train.ipynb #70b040ac
 def _fit(model, train_dl, valid_dl, loss_fn, opt, policy: DevicePolicy, cbs: list, o) -> tuple[Learner, dict]:
     "Train for `o.max_steps` steps; the Learner and the final validation metrics."
     with Learner(model, train_dl, loss_fn, opt, valid_dl=valid_dl, policy=policy, cbs=cbs, valid_every=o.eval_interval) as learn:
@@ -365,6 +384,7 @@ def _run_info(model, config: Config, recipe: Recipe) -> dict:
     return {"model_config": asdict(unwrap_model(model).cfg), "config": asdict(config), "recipe": asdict(recipe),
             "tokenizer": "hf" if recipe.model.pretrained else "byte"}
 
+# %% ../nbs/11_train.ipynb #4a878b7c
 def _save_plots(out: Path, history, weights, tracker, main: bool) -> list[Path]:
     "Loss per head and the weight histogram as PNG files, logged to the run."
     if not main: return []
@@ -397,6 +417,7 @@ def _outputs(out: Path, t0: float, config: Config, recipe: Recipe, model, learn,
     tracker.end("FINISHED")
     return info | dict(out=str(out), plots=[str(p) for p in plots], checkpoint=str(manager.latest()))
 
+# %% ../nbs/11_train.ipynb #f6a929ca
 def _summary(info: dict, out: Path) -> str:
     heads = " | ".join(f"head {k} {v:.4f}" for k, v in enumerate(info["final_val_loss_per_head"]))
     lines = [f"wmtp train: finished {info['recipe']['algorithm']} in {info['wall_time_s']:.1f} s ({info['steps']} steps)",
@@ -468,6 +489,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
+# %% ../nbs/11_train.ipynb #203dad86
 def train_main(argv=None) -> int:
     "The `wmtp train` command; return the exit code."
     args = _parser().parse_intermixed_args(argv)  # key=value may come before or after the options

@@ -33,6 +33,7 @@ except (ImportError, ValueError, OSError): pass
 runpy.run_path(sys.argv[1], run_name="__main__")
 """
 
+# %% ../nbs/03a_verify.ipynb #a4956d56
 def run_tests(program: str, tests: str, timeout: float = 5.0, max_memory_mb: int | None = 2048) -> bool:
     "True when `program` followed by `tests` runs to the end in a fresh interpreter within `timeout` seconds."
     with tempfile.TemporaryDirectory(prefix="wmtp-run-") as d:
@@ -80,13 +81,16 @@ _TEMPLATES = [
 HELDOUT_FRAC = 0.25  # the share of each family's programs that only `split="heldout"` draws
 _SPLITS = ("train", "heldout", "all")
 
+# %% ../nbs/03a_verify.ipynb #c8c47d21
 def _heldout(prompt: str) -> bool:
     "Whether a program (its prompt without the task index) lies on the held-out side."
     return int(hashlib.sha1(f"builtin-heldout:{prompt}".encode()).hexdigest()[:15], 16) / 16**15 < HELDOUT_FRAC
 
+# %% ../nbs/03a_verify.ipynb #a285e1b4
 def _draw(rng: random.Random, ranges: dict) -> dict:
     return {k: rng.choice(v) if isinstance(v, str) else rng.randint(*v) for k, v in ranges.items()}
 
+# %% ../nbs/03a_verify.ipynb #71e75b88
 def builtin_tasks(n: int = 64, seed: int = 0, split: str = "train") -> list[dict]:
     "`n` distinct generated tasks {prompt, completion, tests, is_correct=True, task_id, family} from `split`'s programs."
     if split not in _SPLITS: raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
@@ -120,6 +124,7 @@ _SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDi
          ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.And: ast.Or, ast.Or: ast.And}
 _WRAP = b"def _wmtp_body():\n"
 
+# %% ../nbs/03a_verify.ipynb #99bdf757
 def _edits(tree: ast.AST, src: bytes) -> list[list[tuple[int, int, bytes]]]:
     "Every single-point mutation of `tree` as byte edits (start, end, new text) of `src`."
     starts = [0]
@@ -148,6 +153,7 @@ def _edits(tree: ast.AST, src: bytes) -> list[list[tuple[int, int, bytes]]]:
             out.append([(pos(n), pos(n, True), b"return None")])
     return [e for e in out if None not in e]
 
+# %% ../nbs/03a_verify.ipynb #61fab65b
 def mutate_solution(code: str, rng: random.Random | None = None, n: int | None = None) -> list[str]:
     "Distinct single-point mutants of `code` (a module or an indented function body), shuffled by `rng`, at most `n`."
     src, prefix = code.encode("utf-8"), b""

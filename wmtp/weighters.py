@@ -18,13 +18,16 @@ WEIGHTERS: dict[str, tuple[type, dict]] = {  # name -> (class, fixed keyword arg
     "uniform": (UniformWeighter, {}), "baseline": (UniformWeighter, {}), "critic": (CriticWeighter, {}),
     "rho1-weighted": (Rho1Weighter, {"mode": "weighted"}), "rho1-tokenskip": (Rho1Weighter, {"mode": "tokenskip"})}
 
+# %% ../nbs/08b_weighters.ipynb #2b2194e5
 def register_weighter(name: str, cls: type, **fixed):
     "Make `cls` (a `Weighter` subclass) available to `make_weighter` as `name`."
     if not (isinstance(cls, type) and issubclass(cls, Weighter)): raise TypeError(f"register_weighter: {cls!r} is not a Weighter subclass")
     WEIGHTERS[name] = (cls, fixed)
 
+# %% ../nbs/08b_weighters.ipynb #ca1bc5d0
 def _params(cls) -> set[str]: return set(inspect.signature(cls.__init__).parameters) - {"self"}
 
+# %% ../nbs/08b_weighters.ipynb #58410305
 def make_weighter(name: str, **kwargs) -> Weighter:
     "The weighter of algorithm `name` (baseline|uniform, critic, rho1-weighted, rho1-tokenskip)."
     key = str(name).strip().lower().replace("_", "-")

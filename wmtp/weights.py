@@ -77,11 +77,13 @@ def masked_stats(x: Tensor, m: Tensor) -> dict[str, Tensor]:
     return {"count": n, "mean": mean, "std": std, "min": torch.where(m, x, float("inf")).amin(),
             "max": torch.where(m, x, float("-inf")).amax()}
 
+# %% ../nbs/08_weights.ipynb #ae4432ca
 class Weighting(NamedTuple):
     "What a weighter hands the loss."
     weights: Tensor  # [B,S,H] fp32, detached, mean 1 over counting rows, 0 elsewhere
     selection_mask: Tensor | None  # [B,S,H] bool, or None: every valid row counts
 
+# %% ../nbs/08_weights.ipynb #2335cce6
 class Weighter:
     "Base of the weighting algorithms: checks, the scale policy, statistics, and empty state."
     name = "weighter"
@@ -130,12 +132,14 @@ class Weighter:
                                                   for s in ("mean", "std", "min", "max", "ess", "ess_frac") if s in v})
         return out
 
+# %% ../nbs/08_weights.ipynb #5ada1f6e
 def mtp_model(model: nn.Module) -> nn.Module:
     "The MTP model under any wrappers (`wmtp.core.unwrap_model`), checked to have an unembedding."
     m = unwrap_model(model)
     if not hasattr(m, "unembedding"): raise TypeError(f"bind(model): {type(model).__name__} has no unembedding (expected an MTPTransformer)")
     return m
 
+# %% ../nbs/08_weights.ipynb #e9713e14
 def _check_targets(out: MTPOutput, targets: Tensor):
     if not isinstance(targets, Tensor) or targets.dim() != 3 or targets.dtype != torch.long:
         got = f"{targets.dtype} tensor of shape {tuple(targets.shape)}" if isinstance(targets, Tensor) else type(targets).__name__
@@ -204,6 +208,7 @@ def _ref_ce(reference: nn.Module, input_ids: Tensor, labels: Tensor, H: int, ign
                             unembedding=reference.unembedding, ignore_index=ignore_index)[..., 0]
     return spread_to_heads(ce0, H, 0)
 
+# %% ../nbs/08_weights.ipynb #3eefbbac
 @patch
 def excess(self: Rho1Weighter, batch: dict, out: MTPOutput, targets: Tensor) -> Tensor:
     "CE_model - CE_reference on the target token of every (position, head) row, [B,S,H] fp32, no grad."
@@ -219,6 +224,7 @@ def excess(self: Rho1Weighter, batch: dict, out: MTPOutput, targets: Tensor) -> 
         else: raise ValueError("Rho1Weighter needs the model's unembedding: call bind(model) first (or give out with logits='all')")
         return ce - _ref_ce(self.reference, batch["input_ids"], batch["labels"], targets.shape[-1], self.ignore_index)
 
+# %% ../nbs/08_weights.ipynb #289c8a8a
 @patch
 def _raw(self: Rho1Weighter, batch, out, targets, valid):
     excess = self.excess(batch, out, targets)
