@@ -46,7 +46,8 @@ def main(argv=None) -> int:
 #| eval: false
 if __name__ == "__main__":  # `python -m wmtp.cli`, as torchrun starts it
     rc = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from wmtp.core import launch_env
+    if launch_env().world_size > 1:
         # a finished rank has destroyed its process group and closed its run; on a loaded machine gloo's threads can
         # still abort interpreter teardown ("terminate called without an active exception", exit -6), which torchrun
         # would report as a failed run, so the rank leaves at once with its own exit code

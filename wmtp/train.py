@@ -438,13 +438,13 @@ def train(config: Config, recipe: Recipe, *, resume: bool = False, log=print) ->
     tracker = None
     try:
         _preflight(recipe); _check_out(out, resume)
-        out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
         tok = build_tokenizer(recipe)
         train_ds, valid_ds = build_datasets(recipe, tok, config.seed)
         _planned_ok(recipe, train_ds, valid_ds, ctx.world_size)
         model = build_model(recipe, tok)
         _init_trunk(recipe, model)
+        out.mkdir(parents=True, exist_ok=True)  # only once the input is known to be good: a refused run writes nothing
         if ctx.is_main: write_run_info(out, _run_info(model, config, recipe))  # the shape first: checkpoints of an unfinished run load
         weighter = build_weighter(recipe, model).to(policy.device)
         model, opt = _place(model, weighter, recipe, policy, ctx)
