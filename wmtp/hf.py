@@ -5,6 +5,7 @@
 # %% ../nbs/04a_hf.ipynb #cd057a30
 from __future__ import annotations
 import copy, inspect, json, os, re, shutil, uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -308,22 +309,67 @@ def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
     "Self-speculative greedy decoding of one sequence [1,S] with the extra heads as drafts: identical to greedy head 0."
     return (self._speculate_parallel if self.cfg.heads == "parallel" else self._speculate_drafts)(ids, max_new_tokens)
 
-# %% ../nbs/04a_hf.ipynb #b9c26cb9
+# %% ../nbs/04a_hf.ipynb #9b39b433
 @patch
 def _speculate_parallel(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
-    "Parallel heads run in every pass (their caches must follow the model's); the drafts come from the last accepted position."
-    cache, W, new, n_new, passes, accepted = self.new_cache(), self.unembedding, [], 0, 1, 0
-    guess = F.linear(self(ids, kv_cache=cache).hidden[0, -1], W).argmax(-1)  # [H]: the sure token, then the drafts
-    while n_new < max_new_tokens:
-        left = max_new_tokens - n_new
-        if left == 1: new.append(guess[:1]); break  # the last sure token needs no forward pass
-        cand, start = guess[:min(self.n_future, left)], cache.length  # no drafts past the budget
-        pred = F.linear(self(cand[None], kv_cache=cache).hidden[0], W).argmax(-1)  # [len(cand), H]
-        a = int((pred[:-1, 0] == cand[1:]).long().cumprod(0).sum())  # drafts accepted: all before the first mismatch
-        new.append(cand[:1 + a]); n_new += 1 + a; passes += 1; accepted += a
+    "The model alone verifies in one cached pass; the parallel heads draft at the last accepted position only."
+    W, S = self.unembedding, ids.shape[1]
+    cache = self.new_cache(n_heads=1)
+    heads = [_transformers().DynamicCache(config=self.lm.config) for _ in range(self.n_future - 1)]  # each head's own keys and values
+    out = self(ids, kv_cache=cache, n_heads=1)  # prefill: the model over the prompt
+    seq = torch.cat([ids[0], F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])  # the prompt, then the first sure token
+    pend, passes, accepted = out.trunk, 1, 0  # the head layers' input at accepted positions the heads have not seen
+    while (left := S + max_new_tokens - seq.numel()) > 0:
+        m = min(self.n_future - 1, left - 1)  # drafts the budget can use (a head left out is never needed again)
+        drafts = self._draft_parallel(heads, pend, m) if m > 0 else seq[:0]
+        start = cache.length
+        out = self(torch.cat([seq[-1:], drafts])[None], kv_cache=cache, n_heads=1)  # verify: the sure token, then the drafts
+        pred = F.linear(out.hidden[0, :, 0], W).argmax(-1)  # head 0's token after each fed one
+        a = int((pred[:-1] == drafts).long().cumprod(0).sum())  # drafts accepted: all before the first mismatch
         cache.crop(start + 1 + a)
-        guess = pred[a]
-    return torch.cat([ids, torch.cat(new)[:max_new_tokens][None]], dim=1), dict(forward_passes=passes, accepted_drafts=accepted)
+        seq = torch.cat([seq, drafts[:a], pred[a:a + 1]])
+        pend, passes, accepted = out.trunk[:, :1 + a], passes + 1, accepted + a
+    return seq[None], dict(forward_passes=passes, accepted_drafts=accepted)
+
+# %% ../nbs/04a_hf.ipynb #c2f58937
+class _KVWritten(Exception): "Raised by a head's cache once its last layer has written its keys and values."
+
+@contextmanager
+def _own_slots(head: nn.ModuleList):
+    "A head's copied layers write cache slots 0..n-1 for the duration (their own cache), then their original ones again."
+    saved = []
+    try:
+        for j, layer in enumerate(head):
+            for m in layer.modules():
+                if isinstance(getattr(m, "layer_idx", None), int): saved.append((m, m.layer_idx)); m.layer_idx = j
+        yield
+    finally:
+        for m, idx in saved: m.layer_idx = idx
+
+# %% ../nbs/04a_hf.ipynb #d27774f1
+def _kv_only(head: nn.ModuleList, h: Tensor, cache, args: tuple, kwargs: dict):
+    "Write `head`'s keys and values for the positions of `h` into `cache`: earlier layers run, the last stops once it has written."
+    for layer in head[:-1]: h = _first(layer(h, *args, **kwargs))
+    write = cache.update
+    def write_then_stop(*a, **k): write(*a, **k); raise _KVWritten
+    cache.update = write_then_stop  # this instance only, for this call
+    try: head[-1](h, *args, **kwargs)
+    except _KVWritten: return
+    finally: del cache.update
+    raise RuntimeError(f"{type(head[-1]).__name__} did not write its keys and values to the cache it was given")
+
+# %% ../nbs/04a_hf.ipynb #6b7a48cf
+@patch
+def _draft_parallel(self: HFMTPModel, caches: list, pend: Tensor, m: int) -> Tensor:
+    "Drafts of heads 1..m at the last position of `pend` [1,T,D]; the T-1 positions before it get only keys and values."
+    drafts, T = [], pend.shape[1]
+    for head, cache in zip(self.heads[:m], caches):
+        with _own_slots(head):
+            if T > 1: _kv_only(head, pend[:, :-1], cache, *self._layer_inputs(cache, T - 1))
+            h, (a, kw) = pend[:, -1:], self._layer_inputs(cache, 1)
+            for layer in head: h = _first(layer(h, *a, **kw))
+        drafts.append(F.linear(self._parts[2](h[0, -1]), self.unembedding).argmax(-1))
+    return torch.stack(drafts)
 
 # %% ../nbs/04a_hf.ipynb #04889d11
 class _Stop(Exception): "Raised by a hook to stop the base model at its first decoder layer."
