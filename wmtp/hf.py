@@ -307,29 +307,7 @@ for _name in ("generate", "_decode", "_head_logits"): setattr(HFMTPModel, _name,
 @patch
 def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
     "Self-speculative greedy decoding of one sequence [1,S] with the extra heads as drafts: identical to greedy head 0."
-    return (self._speculate_parallel if self.cfg.heads == "parallel" else self._speculate_drafts)(ids, max_new_tokens)
-
-# %% ../nbs/04a_hf.ipynb #9b39b433
-@patch
-def _speculate_parallel(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
-    "The model alone verifies in one cached pass; the parallel heads draft at the last accepted position only."
-    W, S = self.unembedding, ids.shape[1]
-    cache = self.new_cache(n_heads=1)
-    heads = [_transformers().DynamicCache(config=self.lm.config) for _ in range(self.n_future - 1)]  # each head's own keys and values
-    out = self(ids, kv_cache=cache, n_heads=1)  # prefill: the model over the prompt
-    seq = torch.cat([ids[0], F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])  # the prompt, then the first sure token
-    pend, passes, accepted = out.trunk, 1, 0  # the head layers' input at accepted positions the heads have not seen
-    while (left := S + max_new_tokens - seq.numel()) > 0:
-        m = min(self.n_future - 1, left - 1)  # drafts the budget can use (a head left out is never needed again)
-        drafts = self._draft_parallel(heads, pend, m) if m > 0 else seq[:0]
-        start = cache.length
-        out = self(torch.cat([seq[-1:], drafts])[None], kv_cache=cache, n_heads=1)  # verify: the sure token, then the drafts
-        pred = F.linear(out.hidden[0, :, 0], W).argmax(-1)  # head 0's token after each fed one
-        a = int((pred[:-1] == drafts).long().cumprod(0).sum())  # drafts accepted: all before the first mismatch
-        cache.crop(start + 1 + a)
-        seq = torch.cat([seq, drafts[:a], pred[a:a + 1]])
-        pend, passes, accepted = out.trunk[:, :1 + a], passes + 1, accepted + a
-    return seq[None], dict(forward_passes=passes, accepted_drafts=accepted)
+    return self._speculate_drafts(ids, max_new_tokens)
 
 # %% ../nbs/04a_hf.ipynb #c2f58937
 class _KVWritten(Exception): "Raised by a head's cache once its last layer has written its keys and values."
@@ -360,10 +338,10 @@ def _kv_only(head: nn.ModuleList, h: Tensor, cache, args: tuple, kwargs: dict):
 
 # %% ../nbs/04a_hf.ipynb #6b7a48cf
 @patch
-def _draft_parallel(self: HFMTPModel, caches: list, pend: Tensor, m: int) -> Tensor:
-    "Drafts of heads 1..m at the last position of `pend` [1,T,D]; the T-1 positions before it get only keys and values."
+def _draft_parallel(self: HFMTPModel, st: dict, pend: Tensor, n: Tensor, seq: Tensor, m: int) -> Tensor:
+    "Drafts of heads 1..m at the last position of `pend` [1,T,D] (the head layers' input at positions they have not seen); the T-1 before it get only keys and values."
     drafts, T = [], pend.shape[1]
-    for head, cache in zip(self.heads[:m], caches):
+    for head, cache in zip(self.heads[:m], st["caches"]):  # a head left out (no budget) is never needed again
         with _own_slots(head):
             if T > 1: _kv_only(head, pend[:, :-1], cache, *self._layer_inputs(cache, T - 1))
             h, (a, kw) = pend[:, -1:], self._layer_inputs(cache, 1)
@@ -416,7 +394,7 @@ def _draft_sequential(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Ten
 # %% ../nbs/04a_hf.ipynb #7aa11dbe
 @patch
 def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
-    "MLP or sequential heads draft at the last accepted position; the model alone verifies in one cached pass."
+    "Every layout drafts at the last accepted position only; the model alone verifies in one cached pass."
     W, S, n_extra = self.unembedding, ids.shape[1], self.n_future - 1
     cache = self.new_cache(n_heads=1)
     st = dict(length=S + max_new_tokens, hidden=[None] * n_extra, caches=[_transformers().DynamicCache(config=self.lm.config) for _ in range(n_extra)])
