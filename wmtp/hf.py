@@ -17,7 +17,7 @@ from torch import Tensor
 from fastcore.basics import patch
 
 from .core import did_you_mean
-from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, MTPTransformer, SeqModule
+from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, check_forward_inputs, MTPTransformer, SeqModule
 from .stack import stack_heads
 
 # %% auto #0
@@ -221,14 +221,7 @@ _SEQ_CACHE = ("a cached forward of sequential heads runs the model only (n_heads
 # %% ../nbs/04a_hf.ipynb #975d76a0
 @patch
 def _check_inputs(self: HFMTPModel, input_ids, logits, kv_cache, H, attention_mask=None):
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        got = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a long tensor [B,S], got {got}")
-    if logits not in (None, "head0", "all"): raise ValueError(f"logits must be None, 'head0' or 'all', got {logits!r}")
-    if not 1 <= H <= self.n_future: raise ValueError(f"n_heads must be in [1, {self.n_future}], got {H}")
-    start = 0 if kv_cache is None else kv_cache.length
-    if start + input_ids.shape[1] > self.cfg.max_seq_len:
-        raise ValueError(f"sequence too long: {start} cached + {input_ids.shape[1]} new positions > the model's {self.cfg.max_seq_len} positions")
+    check_forward_inputs(input_ids, logits, H, self.n_future, 0 if kv_cache is None else kv_cache.length, f"the model's {self.cfg.max_seq_len} positions", self.cfg.max_seq_len)
     if kv_cache is not None and self.cfg.heads == "sequential" and H > 1: raise ValueError(_SEQ_CACHE)
     if kv_cache is not None and kv_cache.n_heads != H: raise ValueError(f"kv_cache is for {kv_cache.n_heads} heads, not n_heads={H}: use model.new_cache(n_heads)")
     if attention_mask is not None:

@@ -18,7 +18,8 @@ from .core import did_you_mean
 from .stack import check_stack_size, stack_heads
 
 # %% auto #0
-__all__ = ['HEAD_LAYOUTS', 'MTPConfig', 'KVCache', 'Block', 'SeqModule', 'MLPHeads', 'MTPOutput', 'MTPTransformer']
+__all__ = ['HEAD_LAYOUTS', 'MTPConfig', 'KVCache', 'Block', 'SeqModule', 'MLPHeads', 'MTPOutput', 'check_forward_inputs',
+           'MTPTransformer']
 
 # %% ../nbs/04_model.ipynb #981ffacc
 HEAD_LAYOUTS = ("parallel", "sequential", "mlp")
@@ -160,6 +161,18 @@ def _make_heads(cfg: MTPConfig) -> nn.ModuleList:
     if cfg.heads == "sequential": return nn.ModuleList(SeqModule(cfg) for _ in range(H - 1))
     return nn.ModuleList([MLPHeads(cfg, H - 1)] if H > 1 else [])
 
+# %% ../nbs/04_model.ipynb #5027e351
+def check_forward_inputs(input_ids, logits, H: int, n_future: int, start: int, limit: str, max_len: int):
+    "The checks every MTP model's forward makes: long ids [B,S], a logits choice, 1 <= H <= n_future, at most `max_len` positions."
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        got = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a long tensor [B,S], got {got}")
+    if logits not in (None, "head0", "all"): raise ValueError(f"logits must be None, 'head0' or 'all', got {logits!r}")
+    if not 1 <= H <= n_future: raise ValueError(f"n_heads must be in [1, {n_future}], got {H}")
+    if start + input_ids.shape[1] > max_len:
+        raise ValueError(f"sequence too long: {start} cached + {input_ids.shape[1]} new positions > {limit}")
+
+
 # %% ../nbs/04_model.ipynb #cd929e3b
 class MTPTransformer(nn.Module):
     "Multi-token-prediction transformer: trunk, H heads (parallel, sequential or mlp layout), shared final norm and unembedding."
@@ -223,14 +236,7 @@ class MTPTransformer(nn.Module):
         return MTPOutput(stack_heads(outs, dim=2), x, lg)
 
     def _check_inputs(self, input_ids, logits, kv_cache, H):
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            got = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a long tensor [B,S], got {got}")
-        if logits not in (None, "head0", "all"): raise ValueError(f"logits must be None, 'head0' or 'all', got {logits!r}")
-        if not 1 <= H <= self.n_future: raise ValueError(f"n_heads must be in [1, {self.n_future}], got {H}")
-        start = 0 if kv_cache is None else kv_cache.length
-        if start + input_ids.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence too long: {start} cached + {input_ids.shape[1]} new positions > max_seq_len={self.cfg.max_seq_len}")
+        check_forward_inputs(input_ids, logits, H, self.n_future, 0 if kv_cache is None else kv_cache.length, f"max_seq_len={self.cfg.max_seq_len}", self.cfg.max_seq_len)
         if kv_cache is not None and self.cfg.heads == "sequential" and H > 1: raise ValueError(_SEQ_CACHE)
         if kv_cache is not None and kv_cache.n_layers != self._cache_layers(H):
             raise ValueError(f"kv_cache has {kv_cache.n_layers} layers but n_heads={H} needs {self._cache_layers(H)}: use model.new_cache(n_heads)")
