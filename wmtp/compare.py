@@ -77,7 +77,8 @@ def _row(algorithm: str, seed: int, info: dict, ev: dict) -> dict:
            "adv_corr": st("adv_corr", "mean"), "final_val_loss": info["final_val_loss"]}
     s1 = info.get("critic_stage1")
     if s1: row.update(steps=info["steps"] + s1["lm_steps"], lm_steps=s1["lm_steps"], extra_steps=s1["value_steps"], stage1_auc=s1.get("valid_auc"),
-                      stage1_prior_auc=s1.get("prior_auc"), stage1_n_valid=s1.get("n_valid"), stage1_family_auc=s1.get("family_auc"))
+                      stage1_prior_auc=s1.get("prior_auc"), stage1_n_valid=s1.get("n_valid"), stage1_family_auc=s1.get("family_auc"),
+                      trunk_trained=s1.get("trunk_trained"), surprise=s1.get("surprise"))
     return row
 
 # %% ../nbs/13a_compare.ipynb #7ac83563
@@ -144,6 +145,12 @@ def _f(m: dict, fmt: str = ".4f") -> str:
     if m is None or m.get("mean") is None: return "-"
     return f"{m['mean']:{fmt}}" + (f" ± {m['std']:{fmt}}" if m.get("std") is not None else "")
 
+# %% ../nbs/13a_compare.ipynb #8a4d351a
+def _value_fit(row: dict) -> str:
+    "How the critic's value head was fitted, in words, from its run's `critic_stage1`."
+    how = "the trunk trained on the value loss" if row.get("trunk_trained") else "on the frozen trunk"
+    return how + (", reading the trunk and head 0's surprise at each token" if row.get("surprise") else ", reading the trunk")
+
 # %% ../nbs/13a_compare.ipynb #f94160fe
 def report_markdown(res: dict, command: str | None = None) -> str:
     "compare.md: the setting, mean ± std tables, weight statistics, costs, and what the numbers show."
@@ -186,7 +193,7 @@ def report_markdown(res: dict, command: str | None = None) -> str:
     if crit:
         c = sm["critic"]
         L.append(f"- The critic: {crit[0]['lm_steps']} of its {crit[0]['steps']} steps are its LM stage (the plain loss), then "
-                 f"{crit[0]['extra_steps']} value-fit steps on top (the trunk trained on the value loss). Its stage 1 on fresh "
+                 f"{crit[0]['extra_steps']} value-fit steps on top ({_value_fit(crit[0])}). Its stage 1 on fresh "
                  f"held-out programs: AUC {_f(c['stage1_auc'], '.3f')} (template baseline {_f(c['stage1_prior_auc'], '.3f')}, "
                  f"{crit[0]['stage1_n_valid']} programs), held-out family AUC {_f(c['stage1_family_auc'], '.3f')}; its stage-2 "
                  f"advantages correlate {_f(c['adv_corr'], '.3f')} with a constant value's.")

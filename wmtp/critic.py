@@ -16,25 +16,33 @@ from fastcore.basics import patch
 from .learner import Callback, Learner
 from .model import MTPOutput
 from .data import record_family, RecordDataset, collate
-from .loss import mtp_targets, weighted_mtp_loss
+from .loss import mtp_cross_entropy, mtp_targets, weighted_mtp_loss
 from .weights import Weighter, bounded_weights, masked_stats, mtp_model, spread_to_heads
 
 # %% auto #0
-__all__ = ['ValueHead', 'gae', 'CriticWeighter', 'advantage_correlation', 'fit_value_head', 'ValueHeadStep', 'lm_stage',
-           'roc_auc', 'template_prior', 'template_prior_auc', 'critic_report']
+__all__ = ['SURPRISED', 'N_SURPRISE_FEATURES', 'ValueHead', 'gae', 'surprise_features', 'CriticWeighter', 'advantage_correlation',
+           'fit_value_head', 'ValueHeadStep', 'lm_stage', 'roc_auc', 'template_prior', 'template_prior_auc',
+           'critic_report']
 
 # %% ../nbs/08a_critic.ipynb #121ec663
 class ValueHead(nn.Module):
-    "V(s_t) [B,S] from the trunk's hidden states [B,S,D]: RMSNorm, then an MLP (`hidden` > 0) or a linear map."
-    def __init__(self, d_model: int, hidden: int = 64, detach_input: bool = True):
+    "V(s_t) [B,S] from the trunk's hidden states [B,S,D] (and `n_features` more per state): RMSNorm, then an MLP (`hidden` > 0) or a linear map."
+    def __init__(self, d_model: int, hidden: int = 64, detach_input: bool = True, n_features: int = 0):
         super().__init__()
+        if n_features and not hidden: raise ValueError("a value head with extra features needs an MLP (hidden > 0)")
         self.detach_input = detach_input
         self.norm = nn.RMSNorm(d_model)
         self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, 1)) if hidden else nn.Linear(d_model, 1)
+        # extra features join the trunk's projection inside the MLP's hidden layer
+        self.features = nn.Linear(n_features, hidden, bias=False) if n_features else None
 
-    def forward(self, trunk: Tensor) -> Tensor:
-        x = trunk.detach() if self.detach_input else trunk
-        return self.net(self.norm(x))[..., 0].float()
+    def forward(self, trunk: Tensor, features: Tensor | None = None) -> Tensor:
+        x = self.norm(trunk.detach() if self.detach_input else trunk)
+        if self.features is None: return self.net(x)[..., 0].float()
+        if features is None: raise ValueError(f"this value head also reads {self.features.in_features} features per state: pass features=")
+        h = self.net[0](x) + self.features(features.to(x.dtype))
+        return self.net[2](self.net[1](h))[..., 0].float()
+
 
 # %% ../nbs/08a_critic.ipynb #ceefe855
 def _episode(labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,6 +68,21 @@ def gae(values: Tensor, reward: Tensor, labels: Tensor, gamma: float = 1.0, lam:
         adv[:, j] = run
     return delta, adv
 
+# %% ../nbs/08a_critic.ipynb #195feff2
+SURPRISED = 2.0  # nats: a completion token with more CE than this (p < 0.14) counts as a surprise
+N_SURPRISE_FEATURES = 4
+
+def surprise_features(ce: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    "Per state t, [B,S,4]: log1p of token t's CE, of the max and mean CE of the completion so far, and of its surprises so far (at most 5)."
+    tok = _episode(labels, ignore_index)[0]
+    nll = torch.zeros(ce.shape, dtype=torch.float32, device=ce.device)
+    nll[:, 1:] = ce[:, :-1].float()  # head 0's row t-1 predicts token t
+    nll = torch.where(tok, nll, 0.0)  # completion tokens only: the prompt's surprises say nothing about correctness
+    mean = nll.cumsum(1) / tok.float().cumsum(1).clamp_min(1)
+    count = (nll > SURPRISED).float().cumsum(1).clamp_max(5)
+    return torch.stack([nll, nll.cummax(1).values, mean, count], -1).log1p()
+
+
 # %% ../nbs/08a_critic.ipynb #234c56ed
 class CriticWeighter(Weighter):
     "Token weights from a value head fitted to verifiable rewards: clamp(c * exp(whitened GAE advantage / beta)), mean 1."
@@ -67,7 +90,8 @@ class CriticWeighter(Weighter):
     prescaled = True  # `_raw` returns bounded mean-1 weights
     def __init__(self, d_model: int | None = None, hidden: int = 64, stage: int = 1, gamma: float = 1.0, lam: float = 0.95,
                  beta: float = 1.0, w_min: float = 0.1, w_max: float = 3.0, target: str = "mc", momentum: float = 0.99,
-                 detach_input: bool = True, value_coef: float = 1.0, fit_in_stage2: bool = False, ignore_index: int = -100):
+                 detach_input: bool = True, value_coef: float = 1.0, fit_in_stage2: bool = False, surprise: bool = True,
+                 ignore_index: int = -100):
         super().__init__(ignore_index)
         if target not in ("mc", "lambda"): raise ValueError(f"target must be 'mc' or 'lambda', got {target!r}")
         if not 0 <= w_min <= 1 <= w_max: raise ValueError(f"need 0 <= w_min <= 1 <= w_max (weights average 1), got w_min={w_min!r}, w_max={w_max!r}")
@@ -76,8 +100,9 @@ class CriticWeighter(Weighter):
             raise ValueError(f"gamma, lam must be in [0, 1] and momentum in [0, 1), got {gamma!r}, {lam!r}, {momentum!r}")
         self.hidden, self.gamma, self.lam, self.beta, self.w_min, self.w_max = hidden, gamma, lam, beta, w_min, w_max
         self.target, self.momentum, self.detach_input, self.value_coef, self.fit_in_stage2 = target, momentum, detach_input, value_coef, fit_in_stage2
-        self.stage = stage
-        self.value_head = None if d_model is None else ValueHead(d_model, hidden, detach_input)
+        self.stage, self.surprise = stage, surprise
+        self.value_head = None if d_model is None else self._new_head(d_model)
+        self._unembedding = None  # set by `bind`: the surprise features need head 0's CE
         # running whitening statistics of the advantages (part of the state)
         self.adv_mean, self.adv_var, self.adv_count = torch.zeros(()), torch.ones(()), torch.zeros((), dtype=torch.long)
 
@@ -91,8 +116,12 @@ class CriticWeighter(Weighter):
     def bind(self, model: nn.Module) -> CriticWeighter:
         "Build the value head for `model` (if not built yet) on the model's device."
         model = mtp_model(model)
-        if self.value_head is None: self.value_head = ValueHead(model.cfg.d_model, self.hidden, self.detach_input)
+        if self.value_head is None: self.value_head = self._new_head(model.cfg.d_model)
+        self._unembedding = lambda: model.unembedding  # read at call time: FSDP or `.to()` may replace the tensor
         return self.to(model.unembedding.device)
+
+    def _new_head(self, d_model: int) -> ValueHead:
+        return ValueHead(d_model, self.hidden, self.detach_input, N_SURPRISE_FEATURES if self.surprise else 0)
 
 # %% ../nbs/08a_critic.ipynb #639f73cd
 @patch
@@ -134,6 +163,18 @@ def load_state_dict(self: CriticWeighter, state: dict):
     self.adv_mean, self.adv_var, self.adv_count = (state[k].to(dev) for k in ("adv_mean", "adv_var", "adv_count"))
     self.stage = int(state["stage"])
 
+# %% ../nbs/08a_critic.ipynb #01d6b1fa
+@patch
+def values(self: CriticWeighter, batch: dict, out: MTPOutput) -> Tensor:
+    "V(s_t) [B,S]: the value head on the trunk and, with `surprise`, on head 0's surprise at the completion so far."
+    if not self.surprise: return self._head()(out.trunk)
+    if self._unembedding is None: raise ValueError("the critic's surprise features need the model's unembedding: call bind(model) first")
+    labels = batch["labels"]
+    ce = mtp_cross_entropy(targets=mtp_targets(labels, 1), hidden=out.hidden[:, :, :1], unembedding=self._unembedding(),
+                           ignore_index=self.ignore_index)[..., 0]  # no gradients
+    return self._head()(out.trunk, surprise_features(ce, labels, self.ignore_index))
+
+
 # %% ../nbs/08a_critic.ipynb #997e1af2
 def advantage_correlation(values: Tensor, reward: Tensor, labels: Tensor, gamma: float = 1.0, lam: float = 0.95,
                           const: float | None = None, ignore_index: int = -100) -> Tensor:
@@ -167,7 +208,7 @@ def value_targets(self: CriticWeighter, values: Tensor, batch: dict) -> Tensor:
 def aux_loss(self: CriticWeighter, batch: dict, out: MTPOutput) -> Tensor | None:
     "The value loss (MSE over decision states, times `value_coef`) in stage 1, or in stage 2 with `fit_in_stage2`."
     if self.stage == 2 and not self.fit_in_stage2: return None
-    v = self._head()(out.trunk)
+    v = self.values(batch, out)
     g = self.value_targets(v, batch)
     m = _episode(batch["labels"], self.ignore_index)[2].float()
     loss = ((v - g) ** 2 * m).sum() / m.sum().clamp_min(1)
@@ -193,7 +234,7 @@ def _raw(self: CriticWeighter, batch, out, targets, valid):
     labels = batch["labels"]
     if labels.shape != targets.shape[:2]: raise ValueError(f"batch['labels'] {tuple(labels.shape)} does not match targets {tuple(targets.shape)}")
     tok = _episode(labels, self.ignore_index)[0]
-    values, reward = self._head()(out.trunk), _reward(batch)
+    values, reward = self.values(batch, out), _reward(batch)
     _, adv = gae(values, reward, labels, self.gamma, self.lam, self.ignore_index)
     z = self._whiten(adv, tok)
     logw = spread_to_heads(torch.where(tok, z / self.beta, 0.0), targets.shape[-1], 1)  # row (t, k): token t+1+k's
@@ -287,7 +328,7 @@ def sequence_values(self: CriticWeighter, batch: dict, out: MTPOutput) -> Tensor
     st = _episode(batch["labels"], self.ignore_index)[2]
     if not st.any(1).all(): raise ValueError("sequence_values: every row needs at least one completion token")
     last = torch.where(st, torch.arange(st.shape[1], device=st.device), -1).amax(1)
-    with torch.no_grad(): v = self._head()(out.trunk)
+    with torch.no_grad(): v = self.values(batch, out)
     return v[torch.arange(len(v), device=v.device), last]
 
 # %% ../nbs/08a_critic.ipynb #7c4f4031
@@ -308,7 +349,7 @@ def template_prior_auc(train_records, records) -> float:
 @patch
 def advantage_correlation(self: CriticWeighter, batch: dict, out: MTPOutput, const: float | None = None) -> Tensor:
     "`advantage_correlation` of this critic's values on a batch (no grad): near 1 means it adds nothing to the reward."
-    with torch.no_grad(): v = self._head()(out.trunk)
+    with torch.no_grad(): v = self.values(batch, out)
     return advantage_correlation(v, _reward(batch), batch["labels"], self.gamma, self.lam, const, self.ignore_index)
 
 # %% ../nbs/08a_critic.ipynb #e426c0a2

@@ -139,9 +139,11 @@ class WeighterRecipe:
     w_max: float = 3.0                  # and the weights still average 1 (needs w_min <= 1 <= w_max)
     stage1_steps: int = 100             # critic stage 1: steps of the value fit
     value_lr: float = 1e-3
-    lm_steps: int = 300                 # critic: plain LM steps before stage 1 so the trunk has features (0: none)
+    lm_steps: int = 1000                # critic: plain LM steps before stage 1 so the trunk has features (0: none)
+    lm_only_correct: bool = True        # critic: the LM stage reads only the training programs that pass their tests
     trunk_init: Optional[str] = None    # critic: a trained run directory whose weights start the model (no LM stage)
-    stage1_trunk: bool = True           # critic stage 1 trains the trunk with the value head (False: the head alone)
+    stage1_trunk: bool = False          # critic stage 1 trains the trunk with the value head (False: the head alone)
+    surprise: bool = True               # critic: the value head also reads head 0's CE on the completion so far
     fit_in_stage2: bool = True          # critic: the value head keeps learning during the weighted training
     detach_input: bool = True           # critic stage 2: the value loss does not reach the trunk
     heldout_tasks: int = 64             # critic on builtin-tasks: fresh held-out tasks that measure stage 1 (0: none)

@@ -139,7 +139,7 @@ def _reference_path(recipe: Recipe) -> Path:
     return f
 
 # weighter settings that `train` reads (the critic's stage 1, rho1's reference), not the weighter itself
-_RUN_ONLY = ("stage1_steps", "value_lr", "reference", "lm_steps", "trunk_init", "stage1_trunk", "heldout_tasks")
+_RUN_ONLY = ("stage1_steps", "value_lr", "reference", "lm_steps", "lm_only_correct", "trunk_init", "stage1_trunk", "heldout_tasks")
 
 # %% ../nbs/11_train.ipynb #ec95fdfd
 def build_weighter(recipe: Recipe, model: MTPTransformer):
@@ -342,6 +342,14 @@ def _stage1_sets(recipe: Recipe, train_ds, valid_ds, seed: int):
     else: held = [r for r in getattr(valid_ds, "records", None) or [] if r.get("is_correct") is not None]
     return recs, [r for r in held if record_family(r) not in fams], fam_recs + [r for r in held if record_family(r) in fams], sorted(fams)
 
+# %% ../nbs/11_train.ipynb #335a90c1
+def _lm_dataset(recipe: Recipe, records, train_ds, tok):
+    "The critic's LM stage data: `records` that pass their tests (`lm_only_correct`), or all of them; else `train_ds`."
+    if not records: return train_ds  # records without labels (stdlib code): the training data as it is
+    # the LM learns what a correct program looks like, so that a token contradicting its docstring surprises it
+    keep = [r for r in records if r.get("is_correct")] if recipe.weighter.lm_only_correct else list(records)
+    return RecordDataset(keep, tok, recipe.data.seq_len) if len(keep) >= recipe.data.batch_size else train_ds
+
 # %% ../nbs/11_train.ipynb #595b69d0
 def _critic_stage1(recipe: Recipe, weighter, model, train_ds, valid_ds, tok, policy: DevicePolicy, resuming: bool,
                    seed: int = 0, log=print) -> dict | None:
@@ -351,13 +359,15 @@ def _critic_stage1(recipe: Recipe, weighter, model, train_ds, valid_ds, tok, pol
     if resuming: return None
     w, bs = recipe.weighter, recipe.data.batch_size
     loader = lambda ds: (lambda epoch: make_loader(ds, bs, policy, shuffle=True, epoch=epoch, drop_last=True))
-    lm_steps = 0 if _trunk_has_features(recipe) else w.lm_steps
-    if lm_steps: lm_stage(model, loader(train_ds), lm_steps, recipe.optim.lr, policy, log=log)
     fit_recs, held, fam_held, fams = _stage1_sets(recipe, train_ds, valid_ds, seed)
+    lm_steps = 0 if _trunk_has_features(recipe) else w.lm_steps
+    # the LM stage reads the value fit's records: the held-out family stays unseen by the whole of stage 1
+    if lm_steps: lm_stage(model, loader(_lm_dataset(recipe, fit_recs, train_ds, tok)), lm_steps, recipe.optim.lr, policy, log=log)
     fit_ds = RecordDataset(fit_recs, tok, recipe.data.seq_len) if fit_recs else train_ds
     if len(fit_ds) < bs: fit_ds = train_ds
     fit_value_head(weighter, model, loader(fit_ds), w.stage1_steps, w.value_lr, policy, log=log, train_trunk=w.stage1_trunk)
-    rep = {"lm_steps": lm_steps, "value_steps": w.stage1_steps, "trunk": "run" if w.trunk_init else "lm" if lm_steps else "as built"}
+    rep = {"lm_steps": lm_steps, "value_steps": w.stage1_steps, "trunk": "run" if w.trunk_init else "lm" if lm_steps else "as built",
+           "trunk_trained": w.stage1_trunk, "surprise": w.surprise}
     measure = lambda recs: critic_report(weighter, model, recs, fit_recs or held, tok, recipe.data.seq_len, device=policy.device)
     try: rep.update(measure(held))
     except ValueError as e: log(f"critic stage 1: not measured ({e})")
