@@ -158,6 +158,10 @@ def state_dict(self: CriticWeighter) -> dict:
 def load_state_dict(self: CriticWeighter, state: dict):
     missing = {"value_head", "adv_mean", "adv_var", "adv_count", "stage"} - set(state)
     if missing: raise ValueError(f"CriticWeighter state lacks {sorted(missing)}")
+    has = any(k.startswith("features.") for k in state["value_head"])
+    if has != (self._head().features is not None):  # a head fitted with(out) the surprise features cannot read the other's
+        raise ValueError(f"the checkpoint's value head was fitted {'with' if has else 'without'} the surprise features, this critic "
+                         f"has surprise={self.surprise}: resume with weighter.surprise={str(has).lower()}")
     self._head().load_state_dict(state["value_head"])
     dev = self.adv_mean.device
     self.adv_mean, self.adv_var, self.adv_count = (state[k].to(dev) for k in ("adv_mean", "adv_var", "adv_count"))
