@@ -141,6 +141,7 @@ class WeighterRecipe:
     value_lr: float = 1e-3
     lm_steps: int = 1000                # critic: plain LM steps before stage 1 so the trunk has features (0: none)
     lm_only_correct: bool = True        # critic: the LM stage reads only the training programs that pass their tests
+    crossfit: float = 0.4               # critic: the share of training tasks the LM stage never reads; the value fit reads only those
     trunk_init: Optional[str] = None    # critic: a trained run directory whose weights start the model (no LM stage)
     stage1_trunk: bool = False          # critic stage 1 trains the trunk with the value head (False: the head alone)
     surprise: bool = True               # critic: the value head also reads head 0's CE on the completion so far

@@ -139,7 +139,7 @@ def _reference_path(recipe: Recipe) -> Path:
     return f
 
 # weighter settings that `train` reads (the critic's stage 1, rho1's reference), not the weighter itself
-_RUN_ONLY = ("stage1_steps", "value_lr", "reference", "lm_steps", "lm_only_correct", "trunk_init", "stage1_trunk", "heldout_tasks")
+_RUN_ONLY = ("stage1_steps", "value_lr", "reference", "lm_steps", "lm_only_correct", "crossfit", "trunk_init", "stage1_trunk", "heldout_tasks")
 
 # %% ../nbs/11_train.ipynb #ec95fdfd
 def build_weighter(recipe: Recipe, model: MTPTransformer):
@@ -342,6 +342,13 @@ def _stage1_sets(recipe: Recipe, train_ds, valid_ds, seed: int):
     else: held = [r for r in getattr(valid_ds, "records", None) or [] if r.get("is_correct") is not None]
     return recs, [r for r in held if record_family(r) not in fams], fam_recs + [r for r in held if record_family(r) in fams], sorted(fams)
 
+# %% ../nbs/11_train.ipynb #cc089799
+def _crossfit(recipe: Recipe, records, seed: int = 0) -> tuple[list, list]:
+    "Records of the LM stage and of the value fit: with `crossfit` > 0, that share of the tasks goes to the value fit only."
+    if recipe.weighter.crossfit <= 0 or not records: return records, records
+    # the value head then learns what a surprise means on programs the LM has not read, as it will meet them
+    return split_records(records, recipe.weighter.crossfit, by="program", seed=seed)
+
 # %% ../nbs/11_train.ipynb #335a90c1
 def _lm_dataset(recipe: Recipe, records, train_ds, tok):
     "The critic's LM stage data: `records` that pass their tests (`lm_only_correct`), or all of them; else `train_ds`."
@@ -361,14 +368,17 @@ def _critic_stage1(recipe: Recipe, weighter, model, train_ds, valid_ds, tok, pol
     loader = lambda ds: (lambda epoch: make_loader(ds, bs, policy, shuffle=True, epoch=epoch, drop_last=True))
     fit_recs, held, fam_held, fams = _stage1_sets(recipe, train_ds, valid_ds, seed)
     lm_steps = 0 if _trunk_has_features(recipe) else w.lm_steps
-    # the LM stage reads the value fit's records: the held-out family stays unseen by the whole of stage 1
-    if lm_steps: lm_stage(model, loader(_lm_dataset(recipe, fit_recs, train_ds, tok)), lm_steps, recipe.optim.lr, policy, log=log)
+    labelled = fit_recs  # the held-out family stays unseen by the whole of stage 1
+    lm_recs, fit_recs = _crossfit(recipe, fit_recs, seed) if lm_steps else (fit_recs, fit_recs)
+    lm_ds = _lm_dataset(recipe, lm_recs, train_ds, tok) if lm_steps else None
+    if lm_ds is not None: lm_stage(model, loader(lm_ds), lm_steps, recipe.optim.lr, policy, log=log)
     fit_ds = RecordDataset(fit_recs, tok, recipe.data.seq_len) if fit_recs else train_ds
     if len(fit_ds) < bs: fit_ds = train_ds
     fit_value_head(weighter, model, loader(fit_ds), w.stage1_steps, w.value_lr, policy, log=log, train_trunk=w.stage1_trunk)
     rep = {"lm_steps": lm_steps, "value_steps": w.stage1_steps, "trunk": "run" if w.trunk_init else "lm" if lm_steps else "as built",
-           "trunk_trained": w.stage1_trunk, "surprise": w.surprise}
-    measure = lambda recs: critic_report(weighter, model, recs, fit_recs or held, tok, recipe.data.seq_len, device=policy.device)
+           "trunk_trained": w.stage1_trunk, "surprise": w.surprise, "lm_rows": len(lm_ds) if lm_ds is not None else 0, "value_rows": len(fit_ds)}
+    # the template baseline and the base rate know every training label outside the held-out family
+    measure = lambda recs: critic_report(weighter, model, recs, labelled or held, tok, recipe.data.seq_len, device=policy.device)
     try: rep.update(measure(held))
     except ValueError as e: log(f"critic stage 1: not measured ({e})")
     try: rep.update(family_auc=measure(fam_held)["valid_auc"], n_family=len(fam_held), heldout_families=fams)
