@@ -78,7 +78,8 @@ def _row(algorithm: str, seed: int, info: dict, ev: dict) -> dict:
     s1 = info.get("critic_stage1")
     if s1: row.update(steps=info["steps"] + s1["lm_steps"], lm_steps=s1["lm_steps"], extra_steps=s1["value_steps"], stage1_auc=s1.get("valid_auc"),
                       stage1_prior_auc=s1.get("prior_auc"), stage1_n_valid=s1.get("n_valid"), stage1_family_auc=s1.get("family_auc"),
-                      trunk_trained=s1.get("trunk_trained"), surprise=s1.get("surprise"))
+                      trunk_trained=s1.get("trunk_trained"), surprise=s1.get("surprise"), lm_rows=s1.get("lm_rows"),
+                      value_rows=s1.get("value_rows"), lm_only_correct=s1.get("lm_only_correct"))
     return row
 
 # %% ../nbs/13a_compare.ipynb #7ac83563
@@ -149,7 +150,14 @@ def _f(m: dict, fmt: str = ".4f") -> str:
 def _value_fit(row: dict) -> str:
     "How the critic's value head was fitted, in words, from its run's `critic_stage1`."
     how = "the trunk trained on the value loss" if row.get("trunk_trained") else "on the frozen trunk"
-    return how + (", reading the trunk and head 0's surprise at each token" if row.get("surprise") else ", reading the trunk")
+    how += ", reading the trunk and head 0's surprise at each token" if row.get("surprise") else ", reading the trunk"
+    return how + (f", on {row['value_rows']} records" if row.get("value_rows") else "")
+
+def _lm_data(row: dict) -> str:
+    "What the critic's LM stage read, in words: a selection of correct programs is something the other algorithms do not get."
+    n = f"{row['lm_rows']} " if row.get("lm_rows") else ""
+    if row.get("lm_only_correct"): return f"the plain loss on {n}training programs that pass their tests, a selection the other algorithms do not get"
+    return f"the plain loss on {n}training records" if n else "the plain loss"
 
 # %% ../nbs/13a_compare.ipynb #f94160fe
 def report_markdown(res: dict, command: str | None = None) -> str:
@@ -192,7 +200,7 @@ def report_markdown(res: dict, command: str | None = None) -> str:
     crit = [r for r in res["rows"] if r["algorithm"] == "critic" and r.get("extra_steps") is not None]
     if crit:
         c = sm["critic"]
-        L.append(f"- The critic: {crit[0]['lm_steps']} of its {crit[0]['steps']} steps are its LM stage (the plain loss), then "
+        L.append(f"- The critic: {crit[0]['lm_steps']} of its {crit[0]['steps']} steps are its LM stage ({_lm_data(crit[0])}), then "
                  f"{crit[0]['extra_steps']} value-fit steps on top ({_value_fit(crit[0])}). Its stage 1 on fresh "
                  f"held-out programs: AUC {_f(c['stage1_auc'], '.3f')} (template baseline {_f(c['stage1_prior_auc'], '.3f')}, "
                  f"{crit[0]['stage1_n_valid']} programs), held-out family AUC {_f(c['stage1_family_auc'], '.3f')}; its stage-2 "

@@ -376,7 +376,8 @@ def _critic_stage1(recipe: Recipe, weighter, model, train_ds, valid_ds, tok, pol
     if len(fit_ds) < bs: fit_ds = train_ds
     fit_value_head(weighter, model, loader(fit_ds), w.stage1_steps, w.value_lr, policy, log=log, train_trunk=w.stage1_trunk)
     rep = {"lm_steps": lm_steps, "value_steps": w.stage1_steps, "trunk": "run" if w.trunk_init else "lm" if lm_steps else "as built",
-           "trunk_trained": w.stage1_trunk, "surprise": w.surprise, "lm_rows": len(lm_ds) if lm_ds is not None else 0, "value_rows": len(fit_ds)}
+           "trunk_trained": w.stage1_trunk, "surprise": w.surprise, "lm_rows": len(lm_ds) if lm_ds is not None else 0, "value_rows": len(fit_ds),
+           "lm_only_correct": w.lm_only_correct, "crossfit": w.crossfit}
     # the template baseline and the base rate know every training label outside the held-out family
     measure = lambda recs: critic_report(weighter, model, recs, labelled or held, tok, recipe.data.seq_len, device=policy.device)
     try: rep.update(measure(held))
