@@ -254,6 +254,8 @@ def _check_weighting(obj):
     if alg in ("critic", "rho1-weighted") and not 0 <= w.w_min <= 1 <= w.w_max:
         raise ConfigError(f"'weighter.w_min' and 'weighter.w_max' must satisfy 0 <= w_min <= 1 <= w_max (weights average 1), "
                           f"got {w.w_min!r} and {w.w_max!r}")
+    if alg == "critic" and not 0 <= w.crossfit < 1:
+        raise ConfigError(f"'weighter.crossfit' is the share of training tasks kept out of the LM stage: it must be in [0, 1), got {w.crossfit!r}")
     if alg != "baseline" and norm == "token":
         warnings.warn(f"algorithm {alg!r} with loss.norm='token': the per-token norm cancels weights across positions (with one "
                       f"head the loss is the unweighted one); use loss.norm='global' for the weights to act", stacklevel=2)
