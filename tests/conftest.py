@@ -1,5 +1,5 @@
 """pytest settings for wmtp: the `slow` mark, a clean environment for every test, and the tests' shared helpers."""
-import os, socket
+import os, shutil, signal, socket, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,26 @@ def subprocess_env(**extra) -> dict:
     "The environment for a worker process: this checkout's wmtp first on PYTHONPATH, one torch thread."
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
+def wmtp_cli(*args, check: bool = False, timeout: float = 600, env: dict | None = None, cwd=None, script: bool = False):
+    "Run the `wmtp` command line (`python -m wmtp.cli`; the installed console script with `script=True`, when there is one)."
+    exe = shutil.which("wmtp") if script else None
+    cmd = [exe] if exe else [sys.executable, "-m", "wmtp.cli"]
+    cmd += [str(a) for a in args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    if check: assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def kill_once_written(cmd: list, marker: Path, env: dict | None = None, then: float = 0.0):
+    "Start `cmd`, wait until `marker` exists (progress-based: however fast the machine), `then` seconds more, and SIGKILL it."
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not marker.exists() and p.poll() is None and time.time() < deadline: time.sleep(0.02)
+    time.sleep(then)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL); p.wait()
 
 
 def logged_training_metrics(run_dir) -> dict:

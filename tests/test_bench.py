@@ -1,14 +1,13 @@
 """`wmtp bench --quick` end to end, as a user starts it: the report files exist and are well-formed."""
-import json, math, shutil, subprocess, sys
+import json, math
 
 import pytest
 import torch
 
+from conftest import wmtp_cli
 
-def _wmtp(*args):
-    exe = shutil.which("wmtp")
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "wmtp.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+def _wmtp(*args): return wmtp_cli(*args, timeout=900, script=True)
 
 
 @pytest.fixture(scope="module")

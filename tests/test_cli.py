@@ -1,13 +1,9 @@
 """The `wmtp` command line, end to end, as a user starts it (installed console script and `python -m`)."""
-import shutil, subprocess, sys
-
 import wmtp
+from conftest import wmtp_cli
 
 
-def _wmtp(*args, **kw):
-    exe = shutil.which("wmtp")
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "wmtp.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+def _wmtp(*args, **kw): return wmtp_cli(*args, timeout=120, script=True, **kw)
 
 
 def test_help_lists_every_command():

@@ -1,5 +1,5 @@
 """`wmtp eval` end to end, as a user starts it: a real run directory, a real MLflow store, a subprocess."""
-import json, os, shutil, subprocess, sys
+import json, os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -8,16 +8,14 @@ import torch
 
 from wmtp.checkpoint import export_safetensors
 from wmtp.model import MTPConfig, MTPTransformer
+from conftest import wmtp_cli
 
 # one thread: the models are tiny, and two threads competing with other processes for the cores are far slower
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 FAST = ["--k", "1", "--max-problems", "2", "--max-new-tokens", "16", "--valid-batches", "1", "--repeats", "1"]
 
 
-def _wmtp(*args, timeout=300):
-    exe = shutil.which("wmtp")
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "wmtp.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+def _wmtp(*args, timeout=300): return wmtp_cli(*args, timeout=timeout, env=ENV, script=True)
 
 
 def _run_dir(d: Path, steps=7, tracked=True) -> Path:

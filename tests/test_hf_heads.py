@@ -4,16 +4,14 @@ import json, os, subprocess, sys
 import pytest
 import torch
 
+from conftest import kill_once_written, wmtp_cli
+
 pytest.importorskip("transformers")
 
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _wmtp(*args):
-    cmd = [sys.executable, "-m", "wmtp.cli", *map(str, args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
-    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res
+def _wmtp(*args): return wmtp_cli(*args, check=True, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +71,12 @@ def test_fsdp2_two_processes_equal_one(llama, tmp_path, heads):
 @pytest.mark.slow
 def test_sequential_resume_after_kill_9_equals_an_uninterrupted_run(llama, tmp_path):
     "SIGKILL a sequential-heads run after a checkpoint, resume: final weights and extra heads equal a straight run's, bit for bit."
-    import signal, time
     from safetensors.torch import load_file
     common = [f"model.pretrained={llama}", "model.heads=sequential", "--quick", "tracking.enabled=false", "max_steps=12", "save_interval=4"]
     _wmtp("train", "--out", tmp_path / "straight", *common)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "wmtp.cli", "train", "--out", str(out), *common, "--resume"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-4").exists() and p.poll() is None and time.time() < deadline: time.sleep(0.02)
-    assert p.poll() is None, "the run ended before it could be killed"
-    p.send_signal(signal.SIGKILL); p.wait()
+    kill_once_written(cmd, out / "checkpoints" / "step-4", env=ENV)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
     for f in ("model.safetensors", "hf/mtp_heads.safetensors"):

@@ -1,12 +1,11 @@
 """`wmtp train model.pretrained=...` end to end on tiny Hugging Face models built here (nothing is downloaded)."""
-import json, os, random, signal, socket, subprocess, sys, time
-from pathlib import Path
+import json, os, random, socket, subprocess, sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import logged_training_metrics, assert_same_training_metrics
+from conftest import logged_training_metrics, assert_same_training_metrics, kill_once_written
 
 pytest.importorskip("transformers")
 
@@ -126,12 +125,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(models, tmp_path):
     _wmtp("train", "--out", tmp_path / "straight", *common)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "wmtp.cli", "train", "--out", str(out), *common, "--resume"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-8").exists() and p.poll() is None and time.time() < deadline: time.sleep(0.02)
-    time.sleep(random.Random(0).uniform(0.0, 0.2))
-    assert p.poll() is None, "the run ended before it could be killed"
-    p.send_signal(signal.SIGKILL); p.wait()
+    kill_once_written(cmd, out / "checkpoints" / "step-8", env=ENV, then=random.Random(0).uniform(0.0, 0.2))
     assert not (out / "model.safetensors").exists()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]

@@ -1,19 +1,18 @@
 """`wmtp train` end to end, as a user runs it: real processes, real files, a real MLflow store."""
-import json, os, random, signal, subprocess, sys, time
+import json, os, random, subprocess, sys, time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import kill_once_written, wmtp_cli
+
 QUICK = ["--quick", "tracking.log_every=5"]
 
 
 def _train(out, *args, check=True, timeout=600):
-    cmd = [sys.executable, "-m", "wmtp.cli", "train", "--out", str(out), *QUICK, *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    if check: assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res
+    return wmtp_cli("train", "--out", out, *QUICK, *args, check=check, timeout=timeout, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 
 def _train_losses(run_dir: Path) -> list[float]:
@@ -74,13 +73,8 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     out, rng = tmp_path / "killed", random.Random(0)
     cmd = [sys.executable, "-m", "wmtp.cli", "train", "--out", str(out), *QUICK, *common, "--resume"]
     for after_step in (10, 20):  # progress-based, so the kills land mid-run however fast this machine is
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while not (out / "checkpoints" / f"step-{after_step}").exists() and p.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))  # then a random moment: training, saving or rotating
-        assert p.poll() is None, "the run ended before it could be killed"
-        p.send_signal(signal.SIGKILL); p.wait()
+        # then a random moment: training, saving or rotating
+        kill_once_written(cmd, out / "checkpoints" / f"step-{after_step}", then=rng.uniform(0.0, 0.3))
     assert not (out / "model.safetensors").exists()  # the killed runs never finished
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
