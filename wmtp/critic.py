@@ -4,6 +4,7 @@
 
 # %% ../nbs/08a_critic.ipynb #e2d31e16
 from __future__ import annotations
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -103,6 +104,7 @@ class CriticWeighter(Weighter):
         self.stage, self.surprise = stage, surprise
         self.value_head = None if d_model is None else self._new_head(d_model)
         self._unembedding = None  # set by `bind`: the surprise features need head 0's CE
+        self._surprise = ((None, None), None)  # (weak refs to the last forward's hidden and labels, its surprise features)
         # running whitening statistics of the advantages (part of the state)
         self.adv_mean, self.adv_var, self.adv_count = torch.zeros(()), torch.ones(()), torch.zeros((), dtype=torch.long)
 
@@ -173,10 +175,16 @@ def values(self: CriticWeighter, batch: dict, out: MTPOutput) -> Tensor:
     "V(s_t) [B,S]: the value head on the trunk and, with `surprise`, on head 0's surprise at the completion so far."
     if not self.surprise: return self._head()(out.trunk)
     if self._unembedding is None: raise ValueError("the critic's surprise features need the model's unembedding: call bind(model) first")
+    # a training step asks twice for the same forward (the weights, then the value loss): the CE pass runs once
     labels = batch["labels"]
-    ce = mtp_cross_entropy(targets=mtp_targets(labels, 1), hidden=out.hidden[:, :, :1], unembedding=self._unembedding(),
-                           ignore_index=self.ignore_index)[..., 0]  # no gradients
-    return self._head()(out.trunk, surprise_features(ce, labels, self.ignore_index))
+    (h, lab), f = self._surprise
+    if h is None or h() is not out.hidden or lab() is not labels:
+        ce = mtp_cross_entropy(targets=mtp_targets(labels, 1), hidden=out.hidden[:, :, :1], unembedding=self._unembedding(),
+                               ignore_index=self.ignore_index)[..., 0]  # no gradients
+        f = surprise_features(ce, labels, self.ignore_index)
+        # weak references: the forward's activations are not kept alive
+        self._surprise = ((weakref.ref(out.hidden), weakref.ref(labels)), f)
+    return self._head()(out.trunk, f)
 
 
 # %% ../nbs/08a_critic.ipynb #997e1af2
