@@ -23,8 +23,9 @@ from .recipes import Recipe, from_dict
 from .train import build_datasets
 
 # %% auto #0
-__all__ = ['STOP_SEQUENCES', 'per_head_metrics', 'speculative_report', 'pass_at_k', 'score_completions', 'sample_completions',
-           'evaluate_pass_at_k', 'evaluate_model', 'eval_metrics', 'format_report', 'log_eval', 'eval_main']
+__all__ = ['STOP_SEQUENCES', 'per_head_metrics', 'speculative_report', 'pass_at_k', 'score_completions', 'generation_budget',
+           'sample_completions', 'evaluate_pass_at_k', 'evaluate_model', 'eval_metrics', 'format_report', 'log_eval',
+           'eval_main']
 
 # %% ../nbs/12_evaluate.ipynb #3e68e4ba
 def _argmax_rows(h: Tensor, W: Tensor) -> Tensor:
@@ -157,7 +158,10 @@ def score_completions(problems: Sequence[dict], # records with `prompt`, `tests`
             raise ValueError(f"problem {i} ({p.get('task_id', i)}) has {'a str' if isinstance(cs, str) else len(cs)} samples: "
                              f"pass@{max(ks)} needs a list of at least {max(ks)}")
         pairs += [(p["prompt"] + c, p["tests"]) for c in cs]; sizes.append(len(cs))
-    ok = run_tests_many(pairs, timeout=timeout, max_workers=max_workers)
+    # samples of a trained model often repeat one another: each distinct program runs once
+    unique = list(dict.fromkeys(pairs))
+    verdict = dict(zip(unique, run_tests_many(unique, timeout=timeout, max_workers=max_workers)))
+    ok = [verdict[pt] for pt in pairs]
     per, start = [], 0
     for p, n in zip(problems, sizes):
         per.append(dict(task_id=p.get("task_id"), n=n, correct=sum(ok[start:start + n]))); start += n
@@ -180,6 +184,15 @@ def _prompt_ids(tokenizer, prompt: str, room: int) -> list[int]:
     "bos + prompt, as training encodes it; a prompt longer than `room` keeps its bos and its end (where the completion starts)."
     ids = tokenizer.encode(prompt, add_bos=True)
     return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
+
+# %% ../nbs/12_evaluate.ipynb #e3bd3ced
+def generation_budget(problems: Sequence[dict], tokenizer, max_seq_len: int, margin: int = 16) -> tuple[int, int]:
+    "Tokens to generate for `problems`: the longest reference completion (+ eos) plus `margin`, within the context; and how many references fit."
+    if not problems: raise ValueError("generation_budget: no problems")
+    need = [len(tokenizer.encode(p.get("completion", ""), add_eos=True)) for p in problems]
+    room = max_seq_len - max(len(tokenizer.encode(p["prompt"], add_bos=True)) for p in problems)
+    budget = max(1, min(max(need) + margin, room, max_seq_len - 1))
+    return budget, sum(n <= budget for n in need)
 
 # %% ../nbs/12_evaluate.ipynb #86af26d8
 @torch.no_grad()
@@ -246,7 +259,7 @@ def _valid_data(info: dict | None, tok, seq: int, n_rows: int, data: str = "run"
 
 # %% ../nbs/12_evaluate.ipynb #3a230a58
 def evaluate_model(model, info: dict | None = None, *, ks: Sequence[int] = (1,), samples: int | None = None,
-                   tasks: str | None = None, max_problems: int = 8, max_new_tokens: int = 64,
+                   tasks: str | None = None, max_problems: int = 8, max_new_tokens: int | None = None,
                    temperature: float | None = None, valid_batches: int = 4, batch_size: int = 8, repeats: int = 3,
                    timeout: float = 5.0, device: str = "auto", seed: int = 0, tokenizer=None, data: str = "run") -> dict:
     "Per-head metrics on the run's validation data (`data='run'`) or stdlib code, the speculative decoding report and pass@k of `model` (byte tokenizer by default)."
@@ -260,9 +273,12 @@ def evaluate_model(model, info: dict | None = None, *, ks: Sequence[int] = (1,),
     heads = dict(per_head_metrics(model, make_loader(ds, batch_size, shuffle=False), policy, max_batches=valid_batches), data=source)
     plen = min(16, seq // 4)
     spec = speculative_report(model, [ds[i]["input_ids"][:plen] for i in range(min(4, len(ds)))],
-                              min(max_new_tokens, cfg.max_seq_len - plen), repeats=repeats)
-    code = evaluate_pass_at_k(model, _problems(tasks, max_problems, seed), tok, samples, ks, temperature,
-                              min(max_new_tokens, cfg.max_seq_len // 2), timeout, seed)
+                              min(max_new_tokens or 64, cfg.max_seq_len - plen), repeats=repeats)
+    problems = _problems(tasks, max_problems, seed)
+    budget, fit = generation_budget(problems, tok, cfg.max_seq_len)  # from the problems, unless given
+    new = min(max_new_tokens, cfg.max_seq_len - 1) if max_new_tokens else budget
+    code = evaluate_pass_at_k(model, problems, tok, samples, ks, temperature, new, timeout, seed)
+    code.update(references_fit=sum(len(tok.encode(p.get("completion", ""), add_eos=True)) <= new for p in problems))
     return dict(per_head=heads, speculative=spec, pass_at_k=dict(code, tasks=tasks), device=str(policy.device),
                 model_config=asdict(cfg), params=model.num_params())
 
@@ -292,7 +308,8 @@ def format_report(result: dict, title: str = "wmtp eval") -> str:
           f"| greedy | {s['greedy_tokens_per_s']:.1f} | 1.00 |",
           f"| self-speculative | {s['speculative_tokens_per_s']:.1f} | {s['tokens_per_forward']:.2f} |",
           "", f"speedup {s['speedup']:.2f}x (median of {s['repeats']}); outputs identical: {'yes' if s['identical'] else 'NO'}", "",
-          f"| pass@k ({p['tasks']}: {p['problems']} problems, {p['n_samples']} samples each, T={p['temperature']:g}) | value |", "|---|---|"]
+          f"| pass@k ({p['tasks']}: {p['problems']} problems, {p['n_samples']} samples each, T={p['temperature']:g}, "
+          f"{p['max_new_tokens']} new tokens, {p.get('references_fit', '?')} reference solutions fit) | value |", "|---|---|"]
     L += [f"| pass@{k} | {v:.4f} |" for k, v in p["pass_at_k"].items()]
     return "\n".join(L)
 
@@ -321,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="samples per problem (default: the largest k)")
     p.add_argument("--tasks", choices=["humaneval", "builtin"], help="problems for pass@k (default: humaneval when installed, else builtin)")
     p.add_argument("--max-problems", type=int, default=8, help="pass@k on the first M problems (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generation (default 64)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per generation (default: the problems' longest reference + 16)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: 0 for one sample, else 0.8)")
     p.add_argument("--valid-batches", type=int, default=4, help="validation batches for the per-head metrics (default 4)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -338,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
 # %% ../nbs/12_evaluate.ipynb #fe11c69d
 def _check_args(a):
     for name in ("max_problems", "max_new_tokens", "valid_batches", "batch_size", "repeats"):
-        if getattr(a, name) < 1: raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+        if getattr(a, name) is not None and getattr(a, name) < 1: raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if min(a.k) < 1: raise ValueError(f"--k values must be >= 1, got {a.k}")
     if a.samples is not None and a.samples < max(a.k): raise ValueError(f"--samples {a.samples} is fewer than the largest --k {max(a.k)}")
     if a.tasks == "humaneval" and not _humaneval_installed():

@@ -101,6 +101,7 @@ class DataRecipe:
     max_bytes: Optional[int] = 2_000_000
     n_tasks: int = 200              # builtin-tasks: generated functions (each with mutants)
     only_correct: bool = False      # train only on records that pass their tests (clean data, e.g. a Rho-1 reference)
+    incorrect_frac: Optional[float] = None  # the share of incorrect programs among training records, reached by dropping some (None: all)
 
 # %% ../nbs/09_recipes.ipynb #32a4e30d
 @dataclass
@@ -254,6 +255,9 @@ def _check_weighting(obj):
     if alg in ("critic", "rho1-weighted") and not 0 <= w.w_min <= 1 <= w.w_max:
         raise ConfigError(f"'weighter.w_min' and 'weighter.w_max' must satisfy 0 <= w_min <= 1 <= w_max (weights average 1), "
                           f"got {w.w_min!r} and {w.w_max!r}")
+    f = obj.data.incorrect_frac
+    if f is not None and not 0 <= f < 1:
+        raise ConfigError(f"'data.incorrect_frac' is the share of incorrect programs among the training records: it must be in [0, 1), got {f!r}")
     if alg == "critic" and not 0 <= w.crossfit < 1:
         raise ConfigError(f"'weighter.crossfit' is the share of training tasks kept out of the LM stage: it must be in [0, 1), got {w.crossfit!r}")
     if alg != "baseline" and norm == "token":

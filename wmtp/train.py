@@ -31,8 +31,8 @@ from .progress import plot_head_losses, plot_weight_histogram
 from . import distributed as wdist
 
 # %% auto #0
-__all__ = ['QUICK', 'QUICK_TASKS', 'resolve', 'seed_everything', 'build_datasets', 'build_tokenizer', 'build_model',
-           'build_weighter', 'MTPLossFn', 'train', 'train_main']
+__all__ = ['QUICK', 'QUICK_TASKS', 'resolve', 'seed_everything', 'with_incorrect_share', 'build_datasets', 'build_tokenizer',
+           'build_model', 'build_weighter', 'MTPLossFn', 'train', 'train_main']
 
 # %% ../nbs/11_train.ipynb #08e66150
 QUICK = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.max_seq_len=64", "data.seq_len=64",
@@ -66,6 +66,18 @@ def _task_records(n_tasks: int, seed: int) -> tuple[dict, ...]:
 @functools.lru_cache(maxsize=4)
 def _heldout(n_tasks: int, seed: int) -> tuple[dict, ...]: return tuple(heldout_records(n_tasks, seed=seed))
 
+# %% ../nbs/11_train.ipynb #b89749c8
+def with_incorrect_share(records: list[dict], frac: float, seed: int = 0) -> list[dict]:
+    "`records` with incorrect programs dropped at random until they are `frac` of the rest; every correct one is kept."
+    good, bad = [r for r in records if r.get("is_correct")], [r for r in records if not r.get("is_correct")]
+    have = len(bad) / max(1, len(records))
+    if frac > have + 1e-9:
+        raise ConfigError(f"data.incorrect_frac={frac:g} is more than the training records' own share of incorrect programs "
+                          f"({have:.3f}): it can only be lowered, by dropping incorrect programs")
+    keep = set(random.Random(seed).sample(range(len(bad)), round(frac * len(good) / (1 - frac))))
+    kept = {id(r) for i, r in enumerate(bad) if i in keep}
+    return [r for r in records if r.get("is_correct") or id(r) in kept]
+
 # %% ../nbs/11_train.ipynb #d241864a
 def build_datasets(recipe: Recipe, tokenizer, seed: int = 0):
     "Training and validation datasets for the recipe's corpus; record datasets have `counts` (whole, trimmed, dropped) and `records`."
@@ -81,6 +93,7 @@ def build_datasets(recipe: Recipe, tokenizer, seed: int = 0):
     else: records = humaneval_records()
     train, valid = split_records(records, 0.1, by="program", seed=seed)  # deduplicated: no program in both
     if not valid: train, valid = train[1:], train[:1]
+    if d.incorrect_frac is not None: train = with_incorrect_share(train, d.incorrect_frac, seed)
     if d.only_correct:  # clean data (a Rho-1 reference): training keeps the programs that pass; validation is unchanged
         train = [r for r in train if r.get("is_correct")]
         if not train: raise ConfigError("data.only_correct is set but no training record is labelled correct (is_correct)")

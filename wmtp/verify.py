@@ -13,7 +13,7 @@ from .data import dedupe_records, program_key
 
 # %% auto #0
 __all__ = ['HELDOUT_FRAC', 'run_tests', 'run_tests_many', 'builtin_tasks', 'mutate_solution', 'labelled_records',
-           'heldout_records']
+           'heldout_records', 'differential_check']
 
 # %% ../nbs/03a_verify.ipynb #11935d84
 def _kill(proc: subprocess.Popen):
@@ -62,7 +62,9 @@ _TEMPLATES = [
     ("affine", "x", "Return x times {a} plus {b}.", "return x * {a} + {b}", dict(a=(2, 20), b=(1, 20)),
      lambda r, k: [(r.randint(-9, 9),) for _ in range(4)]),
     ("clamp", "x", "Clamp x into [{a}, {a} + {b}].", "if x < {a}:\n    return {a}\nif x > {a} + {b}:\n    return {a} + {b}\nreturn x",
-     dict(a=(-10, 20), b=(1, 9)), lambda r, k: [(-50,), (50,), (k["a"],), (k["a"] + k["b"],), (r.randint(k["a"] - 3, k["a"] + k["b"] + 3),)]),
+     dict(a=(-10, 20), b=(1, 9)),  # both bounds and their neighbours, so a bound moved by one fails
+     lambda r, k: [(-50,), (50,), *((k["a"] + d,) for d in (-1, 0, 1)), *((k["a"] + k["b"] + d,) for d in (-1, 0, 1)),
+                   (r.randint(k["a"] - 3, k["a"] + k["b"] + 3),)]),
     ("sum_above", "xs", "Sum the items of xs above {a}.", "total = 0\nfor v in xs:\n    if v > {a}:\n        total += v\nreturn total",
      dict(a=(-40, 60)), lambda r, k: [([],), ([r.randint(k["a"] - 9, k["a"] + 9) for _ in range(6)] + [k["a"], k["a"] + 1],), ([k["a"] - 1, k["a"] + 5],)]),
     ("count_char", "s", "Count {s!r} in s, times {c}.", "return s.count({s!r}) * {c}", dict(s="abcdefghijklmnopqrstuvwxyz", c=(2, 9)),
@@ -189,3 +191,41 @@ def heldout_records(n_tasks: int = 60, seed: int = 0, n_mutants: int = 2, timeou
                     max_workers: int | None = None) -> list[dict]:
     "Labelled, deduplicated references and mutants of `n_tasks` held-out built-in tasks (no program shared with training)."
     return dedupe_records(labelled_records(builtin_tasks(n_tasks, seed=seed, split="heldout"), n_mutants, seed, timeout, max_workers))
+
+# %% ../nbs/03a_verify.ipynb #98afe983
+def _probe_inputs(arg: str, rng: random.Random, n: int = 300) -> list[tuple]:
+    "Random arguments for a built-in task whose parameter is `arg` (an int, a list of ints or a string)."
+    if arg in ("x", "n"): return [(v,) for v in range(-60, 61)] + [(rng.randint(-500, 500),) for _ in range(n)]
+    if arg == "xs": return [([rng.randint(-80, 80) for _ in range(rng.randint(1, 9))],) for _ in range(n)]
+    return [("".join(rng.choice("abcdefghijklmnopqrstuvwxyz!?.*# AZ") for _ in range(rng.randint(0, 14))),) for _ in range(n)]
+
+# %% ../nbs/03a_verify.ipynb #4cff6063
+def _outputs(src: str, fn: str, inputs: list[tuple]) -> list:
+    "What `fn` defined by `src` returns (or the type of what it raises) on each input."
+    env: dict = {}
+    try: exec(src, env)
+    except Exception as e: return [type(e).__name__] * len(inputs)
+    out = []
+    for x in inputs:
+        try: out.append(("ok", env[fn](*x)))
+        except Exception as e: out.append(("raises", type(e).__name__))
+    return out
+
+# %% ../nbs/03a_verify.ipynb #7d6e9ee3
+def differential_check(n_tasks: int = 270, seed: int = 0, max_workers: int | None = None) -> dict[str, dict[str, int]]:
+    "Per family: mutants, those the tests label correct, and of those the equivalent and the weak (they differ on some probe)."
+    tasks = builtin_tasks(n_tasks, seed=seed, split="all")
+    rng, pairs = random.Random(seed), []
+    for t in tasks: pairs += [(t, m) for m in mutate_solution(t["completion"], rng)]
+    passed = run_tests_many([(t["prompt"] + m, t["tests"]) for t, m in pairs], max_workers=max_workers)
+    out: dict[str, dict[str, int]] = {}
+    for (t, m), ok in zip(pairs, passed):
+        c = out.setdefault(t["family"], dict(mutants=0, pass_tests=0, equivalent=0, weak=0))
+        c["mutants"] += 1
+        if not ok: continue
+        c["pass_tests"] += 1
+        fn, arg = re.match(r"def (\w+)\((\w+)\)", t["prompt"]).groups()
+        probes = _probe_inputs(arg, random.Random(f"{seed}:{fn}"))
+        same = _outputs(t["prompt"] + t["completion"], fn, probes) == _outputs(t["prompt"] + m, fn, probes)
+        c["equivalent" if same else "weak"] += 1
+    return out
