@@ -148,10 +148,10 @@ def _job_dir(out: Path, seed: int, row: str, frac: float | None) -> Path:
 def plan_jobs(out, seeds, rows, fracs) -> list[dict]:
     "Every job of a comparison, in an order where a row's oracle comes before the Rho-1 rows that use it."
     out, jobs = Path(out), []
-    for s in seeds:
-        need_ref = any(r.startswith("rho1") for r in rows)
-        if "oracle" in rows or need_ref: jobs.append(dict(seed=s, row="oracle", frac=None, dir=str(_job_dir(out, s, "oracle", None))))
-        for i, f in enumerate(fracs):
+    need_ref = "oracle" in rows or any(r.startswith("rho1") for r in rows)
+    for i, f in enumerate(fracs):  # the main share for every seed first: its table is complete soonest
+        for s in seeds:
+            if i == 0 and need_ref: jobs.append(dict(seed=s, row="oracle", frac=None, dir=str(_job_dir(out, s, "oracle", None))))
             for r in rows:
                 if r == "oracle" or (i > 0 and r not in FRAC_ROWS): continue
                 jobs.append(dict(seed=s, row=r, frac=f, dir=str(_job_dir(out, s, r, f)),
@@ -353,7 +353,7 @@ def weight_aim(run_dir, records, max_pairs: int = 96) -> dict | None:
 # %% ../nbs/13a_compare.ipynb #62cca0df
 def _f(m: dict | None, fmt: str = ".3f") -> str:
     if not m or m.get("mean") is None: return "-"
-    return f"{m['mean']:{fmt}}" + (f" ± {m['std']:{fmt}}" if m.get("std") is not None else "")
+    return f"{m['mean']:{fmt}}" + (f" ± {m['std']:{fmt.lstrip('+')}}" if m.get("std") is not None else "")
 
 def _ci(d: dict | None, fmt: str = "+.3f") -> str:
     if not d: return "-"
