@@ -240,7 +240,7 @@ def run_compare(out, seeds=(0, 1, 2), rows=tuple(ROWS), fracs=(None, 0.3), overr
     if not report_only: out.mkdir(parents=True, exist_ok=True); kf.write_text(json.dumps(key))
     jobs = plan_jobs(out, seeds, rows, fracs)
     done = sum((Path(j["dir"]) / "result.json").is_file() for j in jobs)
-    if done: log(f"wmtp compare: resuming: {done} of {len(jobs)} jobs are done")
+    if done: log(f"wmtp compare: {'reporting' if report_only else 'resuming'}: {done} of {len(jobs)} jobs are done")
     threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
     ctx = dict(config=config, overrides=list(overrides), quick=quick, eval_tasks=eval_tasks, n_samples=n_samples,
                threads=threads if n_jobs > 1 else None, report_only=report_only)
@@ -250,7 +250,8 @@ def run_compare(out, seeds=(0, 1, 2), rows=tuple(ROWS), fracs=(None, 0.3), overr
     _, r = setting("baseline", config, overrides, quick)
     _, rc = setting("critic", config, overrides, quick)
     records, problems = eval_set(eval_tasks)
-    return {"rows": results, "seeds": list(seeds), "row_names": list(rows), "fracs": list(fracs), "quick": quick,
+    missing = [dict(seed=j["seed"], row=j["row"], frac=j["frac"]) for j in jobs if not (Path(j["dir"]) / "result.json").is_file()]
+    return {"rows": results, "missing": missing, "seeds": list(seeds), "row_names": list(rows), "fracs": list(fracs), "quick": quick,
             "overrides": list(overrides), "model": vars(r.model), "data": vars(r.data), "optim": {**vars(r.optim), "betas": list(r.optim.betas)},
             "critic": {"lm_steps": rc.weighter.lm_steps, "steps": rc.optim.max_steps, "lm_only_correct": rc.weighter.lm_only_correct},
             "eval": {"programs": len(records), "correct": sum(bool(x["is_correct"]) for x in records), "tasks": len(problems), "tasks_asked": eval_tasks,
@@ -417,6 +418,10 @@ def report_markdown(res: dict, command: str | None = None) -> str:
           f"Evaluation: {ev['tasks']} held-out tasks that no run trained on (greedy pass@1, and {ev['n_samples']} samples at T=0.8 "
           f"for pass@k), {ev['programs']} held-out programs ({ev['correct']} correct) for the CEs. CE constants: head 0's CE on the "
           f"tokens inside the number and string literals of the correct programs, the bytes that decide correctness.", ""]
+    if res.get("missing"):
+        L += [f"**Partial:** {len(res['missing'])} of {len(res['missing']) + len(res['rows'])} jobs have not finished yet ("
+              + ", ".join(f"seed {m['seed']} {_label(m['row'], m['frac'])}" for m in res["missing"])
+              + "); the command resumes them.", ""]
     L += _table(res, sm, pdiff)
     L += ["", "## What these numbers show", ""] + _findings(res, sm, pdiff)
     aims = [(r, r["aim"]) for r in res["rows"] if r.get("aim")]
