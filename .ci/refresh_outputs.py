@@ -19,10 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BIG = 20_000  # characters of text, or bytes of an image, above which a cell's output is worth a second look
 
 
-def _flags(cell) -> set:
+def _skipped(cell, skip: set) -> bool:
+    "Whether nbdev_test would skip this code cell: a flag in `skip`, `#| eval: false`, or an `nbdev_export()` call."
     from fastcore.basics import AttrDict
     from nbdev.process import extract_directives
-    return set(extract_directives(AttrDict(source=cell.source), remove=False))
+    direc = extract_directives(AttrDict(source=cell.source), remove=False)
+    return bool(set(direc) & skip) or direc.get("eval:", [""])[0].lower() == "false" or "nbdev_export" + "(" in cell.source
 
 
 def _size(outputs) -> int:
@@ -42,8 +44,9 @@ def refresh(path: Path, skip: set) -> bool:
     ran = set()
 
     def no_eval(cell):  # True skips the cell, as in nbdev's test_nb
-        if cell.cell_type != "code" or (_flags(cell) & skip): return True
+        if cell.cell_type != "code" or _skipped(cell, skip): return True
         ran.add(cell.idx_)
+        cell.outputs = []  # execnb stores only outputs that exist: a cell that now prints nothing must lose its old ones
         return False
 
     start = time.time()

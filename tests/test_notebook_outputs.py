@@ -41,6 +41,12 @@ def test_stale_output_fails_until_refreshed(tmp_path):
     assert "".join(json.loads(nb.read_text())["cells"][2]["outputs"][0]["text"]) == "40\n"
     assert _run("check_notebooks.py", nb).returncode == 0
 
+    # a cell that no longer prints anything loses its old output and its hash
+    data = json.loads(nb.read_text()); data["cells"][2]["source"] = "y = x * 20"; _write(nb, data)
+    assert _run("refresh_outputs.py", nb).returncode == 0
+    cell = json.loads(nb.read_text())["cells"][2]
+    assert cell["outputs"] == [] and check.HASH_KEY not in cell["metadata"]
+
 
 def test_refresh_writes_nothing_when_a_cell_raises(tmp_path):
     nb = _write(tmp_path / "bad.ipynb", _nb(("code", "print('before')"), ("code", "1 / 0")))
