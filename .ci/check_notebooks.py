@@ -14,9 +14,10 @@ Fails (exit 1, naming each problem) when
 - a `#| cuda` / `#| mps` cell does not check for its device (`has_device("cuda")` from `wmtp.core`), so a
   reader's Run All would stop there on a machine without it;
 - a notebook that computes something keeps no output at all (a silent chapter);
-- with `--strict`: every stored output must carry its hash (also in notebooks never refreshed), and the
-  notebooks in `PENDING` (being changed by others now) are held to every rule above.
 - a module under `wmtp/` (other than nbdev's index) has no docstring.
+
+With `--strict`, every stored output must also carry its hash (in notebooks never refreshed too), and the
+notebooks in `PENDING` (being changed by others now) are held to every rule above.
 
 `python .ci/check_notebooks.py [--strict] [NOTEBOOK ...]`: with notebooks named, only those are checked.
 """
@@ -27,11 +28,11 @@ root = Path(__file__).resolve().parent.parent
 TITLE = re.compile(r"# [^#\n][^\n]*\n\n> \S[^\n]*")
 HASH_KEY = "src_hash"  # must be in settings.ini's allowed_cell_metadata_keys, or nbdev_clean strips it
 DEVICE_FLAG = re.compile(r"^#\|\s*(cuda|mps)\b", re.M)
-# cells that only define the module or hide set-up: a notebook of only these computes nothing worth showing
 # notebooks other engineers are changing now: their one-line headings, unguarded device cells and silence are
 # reported as pending, not failures, until the lead empties this set (`--strict` ignores it)
 PENDING = {"03_data.ipynb", "04_model.ipynb", "04a_hf.ipynb", "09_recipes.ipynb", "12_evaluate.ipynb", "13_bench.ipynb",
            "13a_compare.ipynb"}
+# cells that only define the module or hide set-up: a notebook of only these computes nothing worth showing
 QUIET = re.compile(r"^#\|\s*(export|exports|exporti|hide|default_exp)\b")
 
 
