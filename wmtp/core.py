@@ -12,8 +12,8 @@ import torch.distributed as dist
 from torch import nn
 
 # %% auto #0
-__all__ = ['unwrap_model', 'sync', 'LaunchEnv', 'launch_env', 'is_distributed', 'rank', 'world_size', 'is_main', 'ProcessMemory',
-           'process_memory', 'suggest', 'did_you_mean']
+__all__ = ['unwrap_model', 'sync', 'has_device', 'machine_name', 'LaunchEnv', 'launch_env', 'is_distributed', 'rank',
+           'world_size', 'is_main', 'ProcessMemory', 'process_memory', 'suggest', 'did_you_mean']
 
 # %% ../nbs/00_core.ipynb #3351b8e6
 def _wrappers() -> tuple[type, ...]:
@@ -40,6 +40,23 @@ def sync(device: torch.device | str | None = None):
     if dev is None or dev.type == "cpu": return
     if dev.type == "cuda": torch.cuda.synchronize(dev)
     elif dev.type == "mps" and torch.backends.mps.is_available(): torch.mps.synchronize()  # torch.mps raises on Linux
+
+# %% ../nbs/00_core.ipynb #c1e1e6bd
+def has_device(kind: str) -> bool:
+    "True when a `cuda` or `mps` device is usable; otherwise prints 'skipped: no CUDA' (or MPS) and returns False."
+    if kind not in ("cuda", "mps"): raise ValueError(f"has_device: unknown device kind {kind!r} (cuda or mps)")
+    ok = torch.cuda.is_available() if kind == "cuda" else torch.backends.mps.is_available()
+    if not ok: print(f"skipped: no {kind.upper()}")
+    return ok
+
+# %% ../nbs/00_core.ipynb #cf202fc8
+def machine_name() -> str:
+    "The machine a measurement comes from, in one line: OS, architecture, CPUs, GPU, torch, threads, load."
+    import platform
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "Apple GPU (MPS)" if torch.backends.mps.is_available() else "no GPU"
+    load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads){load}")
 
 # %% ../nbs/00_core.ipynb #15288650
 class LaunchEnv(NamedTuple):

@@ -4,11 +4,12 @@
 
 # %% ../nbs/06b_testing.ipynb #2b1720f7
 from __future__ import annotations
+import os
 import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['synth_tokens', 'TinyLM', 'tiny_lm_loss']
+__all__ = ['synth_tokens', 'TinyLM', 'tiny_lm_loss', 'PidTokens']
 
 # %% ../nbs/06b_testing.ipynb #a2889a69
 def synth_tokens(n: int, seq_len: int = 12, vocab: int = 16, seed: int = 0) -> list[dict]:
@@ -43,3 +44,10 @@ def tiny_lm_loss(model: nn.Module, batch: dict):
         sums.append(ce); counts.append((tgt != -100).sum())
     n = torch.stack(counts).sum()
     return torch.stack(sums).sum() / n, n, {f"ce_h{k}": (s.detach(), c) for k, (s, c) in enumerate(zip(sums, counts))}
+
+# %% ../nbs/06b_testing.ipynb #d2c3b7b5
+class PidTokens(torch.utils.data.Dataset):
+    "`synth_tokens(n)` with the id of the process that loaded each sample (a DataLoader worker, or this one)."
+    def __init__(self, n: int, seed: int = 0): self.data = synth_tokens(n, seed=seed)
+    def __len__(self): return len(self.data)
+    def __getitem__(self, i): return self.data[i] | {"pid": torch.tensor(os.getpid())}
