@@ -100,7 +100,8 @@ def _pretrained_model(recipe: Recipe, tokenizer):
     "MTP heads on the recipe's pretrained model (`wmtp.hf`); `model.train=heads` freezes the pretrained model."
     from wmtp.hf import from_pretrained
     m = recipe.model
-    model = from_pretrained(m.pretrained, n_future=m.n_future, n_head_layers=m.n_head_layers, heads=m.heads, dtype=torch.float32)
+    try: model = from_pretrained(m.pretrained, n_future=m.n_future, n_head_layers=m.n_head_layers, heads=m.heads, dtype=torch.float32)
+    except ValueError as e: raise ConfigError(f"model.pretrained={m.pretrained}: {e}") from None  # a folder's bad field: one line, nothing written
     if recipe.data.seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than the pretrained model's {model.cfg.max_seq_len} positions")
     if tokenizer.vocab_size > model.cfg.vocab_size:
