@@ -262,3 +262,79 @@ def test_medusa_export_of_mlp_heads(folders, tmp_path):
     res = wmtp_cli("export", par, "--format", "medusa", "--to", tmp_path / "no", env=ENV)
     assert res.returncode == 2 and "--format medusa writes mlp heads only" in res.stderr and "hf: a Hugging Face folder" in res.stderr
     assert not (tmp_path / "no").exists()
+
+
+def _tf_forwards(folder: Path, prompt: torch.Tensor, use_mtp: bool, n: int = 30):
+    "transformers' greedy generation from a folder, and how many forward passes of the main model it took."
+    lm = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    calls = [0]
+    lm.model.norm.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))  # the main model's final norm: once a pass
+    out = lm.generate(prompt, max_new_tokens=n, do_sample=False, use_mtp=use_mtp)
+    return out, calls[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,n_layer", [("deepseek_v3", 61), ("glm4_moe", 46)])
+def test_transformers_use_mtp_reads_the_export(folders, tmp_path, family, n_layer):
+    "`generate(..., use_mtp=True)` on the export of a model trained to repeat a text: output equal to greedy, drafts accepted "
+    "(fewer main-model passes than tokens, and fewer than the untrained module needs)."
+    from wmtp.hf import from_pretrained, load_tokenizer, save_hf
+    from wmtp.native_mtp import tiny_native_model
+    src = tiny_native_model(tmp_path / family, family, n_layer=n_layer, tokenizer=folders["llama"])
+    tok = load_tokenizer(src)
+    ids = torch.tensor([tok.encode("def add(a, b):\n    return a + b\n" * 8)[:96]])
+    m = from_pretrained(src).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(40):  # both heads learn the text
+        lg = m(ids, logits="all").logits
+        loss = sum(F.cross_entropy(lg[0, :ids.shape[1] - 1 - k, k], ids[0, 1 + k:]) for k in range(2))
+        opt.zero_grad(); loss.backward(); opt.step()
+    save_hf(m.eval(), tok, tmp_path / "exp")
+    prompt = ids[:, :20]
+    greedy, passes = _tf_forwards(tmp_path / "exp", prompt, False)
+    drafted, mtp_passes = _tf_forwards(tmp_path / "exp", prompt, True)
+    _, untrained = _tf_forwards(src, prompt, True)
+    print(f"{family}: main-model passes for 30 tokens: greedy {passes}, use_mtp {mtp_passes} (untrained module: {untrained})")
+    assert torch.equal(drafted, greedy) and passes == 30
+    assert mtp_passes < 30 and mtp_passes < untrained
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_on_a_native_model(folders, tmp_path):
+    "SIGKILL a DeepSeek-V3 run (its MTP layer trained as head 1) after a checkpoint, resume: weights and export equal a straight run's, bit for bit."
+    import random, subprocess, sys
+    from conftest import kill_once_written
+    common = ["train", "--recipe", "pretrained", f"model.pretrained={folders['deepseek_v3']}", "model.heads=sequential", "model.n_future=2",
+              "--quick", "tracking.enabled=false", "max_steps=16", "save_interval=4", "optim.lr=3e-3"]
+    assert wmtp_cli(*common, "--out", tmp_path / "straight", env=ENV).returncode == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "wmtp.cli", *map(str, common), "--out", str(out), "--resume"]
+    kill_once_written(cmd, out / "checkpoints" / "step-8", env=ENV, then=random.Random(1).uniform(0.0, 0.2))
+    assert not (out / "model.safetensors").exists()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    for f, key in (("model.safetensors", "heads.0.combine.weight"), ("hf/model-00002-of-00002.safetensors", "model.layers.2.eh_proj.weight")):
+        a, b = load_file(str(tmp_path / "straight" / f)), load_file(str(out / f))
+        assert key in a and sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_on_a_native_model(folders, tmp_path):
+    "torchrun, 2 gloo processes, the MTP layer sharded as one block: logged training metrics (rtol 1e-5), validation and weights equal 1 process."
+    import subprocess, sys
+    from conftest import free_port, logged_training_metrics, assert_same_training_metrics
+    args = ["train", "--recipe", "pretrained", f"model.pretrained={folders['deepseek_v3']}", "model.heads=sequential", "model.n_future=2",
+            "--quick", "tracking.log_every=1", "max_steps=6", "save_interval=3", "optim.lr=3e-3"]
+    assert wmtp_cli(*args, "--out", tmp_path / "one", env=ENV).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "wmtp.cli", *map(str, args), "--out", str(tmp_path / "two")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    i1, i2 = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two"))
+    assert i2["world_size"] == 2
+    worst = assert_same_training_metrics(logged_training_metrics(tmp_path / "one"), logged_training_metrics(tmp_path / "two"), rtol=1e-5)
+    print(f"largest relative difference of the logged training metrics, 2 processes vs 1: {worst:.2e}")
+    torch.testing.assert_close(torch.tensor(i2["final_val_loss_per_head"]), torch.tensor(i1["final_val_loss_per_head"]), rtol=1e-5, atol=0)
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and any(k.startswith("heads.0.") for k in a)
+    for k in a: torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)

@@ -26,7 +26,7 @@ __all__ = ['SUPPORTED', 'TINY_ARCHS', 'MTP_CONFIG', 'MTP_HEADS', 'find_parts', '
 
 # %% ../nbs/04a_hf.ipynb #a7e1c0de
 # released MTP layers (DeepSeek-V3, GLM-4.5, Qwen3-Next, MiMo): family specs and their loader (notebook 04_native_mtp)
-from .native_mtp import NativeMTPModule, add_tensors, checkpoint_index, load_native_modules, native_mtp, native_plan, native_tensors, read_mtp_json, register_mimo
+from .native_mtp import NativeMTPModule, add_tensors, checkpoint_index, load_native_modules, native_mtp, native_plan, native_tensors, read_mtp_json, register_mimo, released_tensors
 
 # %% ../nbs/04a_hf.ipynb #2d63fe3f
 def _transformers():
@@ -266,7 +266,7 @@ def _heads_sequential(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_ca
     emb, S, outs, h = self.lm.get_input_embeddings()(input_ids), input_ids.shape[1], [], x
     for k, mod in enumerate(self.heads[:H - 1], start=1):
         h = mod(h, F.pad(emb[:, k:], (0, 0, 0, min(k, S))), a, kwa)  # past the end no token t+k: zeros (no target there)
-        outs.append(getattr(mod, "out_norm", self._parts[2])(h))  # a released module has its own output norm
+        outs.append(h if getattr(mod, "normed_output", False) else self._parts[2](h))  # a released module applies its own output norm
     return outs
 
 # %% ../nbs/04a_hf.ipynb #c8016b62
@@ -538,8 +538,11 @@ def save_hf(model: HFMTPModel, # the model to export (unwrapped: not an FSDP or 
         model.lm.save_pretrained(tmp)
         if tok is not None: tok.save_pretrained(tmp)
         nat = native_mtp(model.lm.config) if model.n_future > 1 and isinstance(model.heads[0], NativeMTPModule) else None
-        if nat: add_tensors(tmp, native_tensors(model.lm, model.heads))  # released MTP layers go back under their own names, index updated
+        written = native_tensors(model.lm, model.heads) if nat else {}
+        if written: add_tensors(tmp, written)  # released MTP layers go back under their own names, index updated
         else: save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}, str(tmp / MTP_HEADS))
+        kept = {k: v for k, v in released_tensors(model.lm.name_or_path, model.lm.config).items() if k not in written}
+        if kept: add_tensors(tmp, kept, "model-mtp-kept.safetensors")  # released modules not trained here: copied, so the config's count holds
         (tmp / MTP_CONFIG).write_text(json.dumps({"format": "wmtp.hf/1", "heads": model.cfg.heads, "n_future": model.n_future,
                                                   "n_head_layers": model.cfg.n_head_layers, **({"native": nat[0]} if nat else {})}, indent=1))
         if d.exists(): d.rmdir()

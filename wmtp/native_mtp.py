@@ -15,8 +15,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['MTP_FAMILIES', 'MAX_MTP_LAYERS', 'MAX_HEADS', 'MAX_HEAD_LAYERS', 'find_layers', 'register_mimo', 'MTPFamily',
            'native_mtp', 'checkpoint_index', 'NativeMTPModule', 'module_prefix', 'released_state',
-           'load_native_modules', 'add_tensors', 'native_tensors', 'tiny_native_model', 'native_plan', 'read_mtp_json',
-           'save_medusa']
+           'load_native_modules', 'add_tensors', 'native_tensors', 'released_tensors', 'tiny_native_model',
+           'native_plan', 'read_mtp_json', 'save_medusa']
 
 # %% ../nbs/04_native_mtp.ipynb #0216b797
 def _transformers():
@@ -114,14 +114,16 @@ class NativeMTPModule(nn.Module):
         h, e = self.h_norm(h), self.e_norm(e)
         return self.combine(torch.cat([h, e] if self.hidden_first else [e, h], dim=-1))
 
+    normed_output = True  # forward returns the state after the module's own output norm: the caller adds no norm
+
     def forward(self, h: Tensor, e: Tensor, args: tuple = (), kwargs: dict | None = None) -> Tensor:
-        "Depth k's state [B,T,D] before `out_norm` (depth 1 is given the trunk's output before its final norm and applies that norm here)."
+        "Depth k's state [B,T,D] after `out_norm` (depth 1 is given the trunk's output before its final norm and applies that norm here)."
         if self._trunk_norm[0] is not None: h = self._trunk_norm[0](h)
         y = self.mix(h, e)
         for layer in self.blocks:
             y = layer(y, *args, **(kwargs or {}))
             y = y if isinstance(y, Tensor) else y[0]
-        return y
+        return self.out_norm(y)  # inside forward: FSDP2 gathers the module's weights for this call only
 
 # %% ../nbs/04_native_mtp.ipynb #2ccb6b38
 def _block_config(family: str, config):
@@ -243,6 +245,19 @@ def native_tensors(lm: nn.Module, heads: nn.ModuleList) -> dict[str, Tensor]:
     return out
 
 # %% ../nbs/04_native_mtp.ipynb #f96de7bc
+def released_tensors(src: str | Path, config) -> dict[str, Tensor]:
+    "The MTP tensors a local model folder holds under the released names, as they are (an export keeps the modules it did not train)."
+    nat = native_mtp(config)
+    if not nat or nat[0] not in MTP_FAMILIES or not Path(src).is_dir(): return {}
+    from safetensors import safe_open
+    pres = tuple(module_prefix(nat[0], config, i) for i in range(nat[1]))
+    keys = {k: f for k, f in checkpoint_index(src).items() if k.startswith(pres)}
+    out = {}
+    for f in sorted(set(keys.values())):
+        with safe_open(str(Path(src) / f), "pt") as fh: out.update({k: fh.get_tensor(k) for k, g in keys.items() if g == f})
+    return out
+
+# %% ../nbs/04_native_mtp.ipynb #92c2be20
 _TINY = dict(
     deepseek_v3=dict(intermediate_size=64, moe_intermediate_size=16, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
                      num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
@@ -288,7 +303,7 @@ def tiny_native_model(directory: str | Path, # a new folder
     for f in (Path(tokenizer).glob("*token*") if tokenizer else ()): shutil.copy(f, d / f.name)
     return d
 
-# %% ../nbs/04_native_mtp.ipynb #529fa6ae
+# %% ../nbs/04_native_mtp.ipynb #961e7745
 def native_plan(where, nat: tuple[str, int], n_future: int | None, n_head_layers: int | None, heads: str | None) -> tuple[int, int, str]:
     "(n_future, n_head_layers, heads) for a model that ships `nat` = (family, n) MTP modules: by default all of them, as `sequential` modules of one layer."
     family, n = nat
@@ -308,7 +323,7 @@ def native_plan(where, nat: tuple[str, int], n_future: int | None, n_head_layers
     if (n_head_layers or 1) != 1: raise ValueError(f"{what}: each released module holds one decoder layer, not n_head_layers={n_head_layers}")
     return n_future, 1, "sequential"
 
-# %% ../nbs/04_native_mtp.ipynb #27351897
+# %% ../nbs/04_native_mtp.ipynb #4bc1b7d5
 MAX_HEADS, MAX_HEAD_LAYERS = 64, 256  # bounds on counts read from a folder's mtp.json, checked before anything is built
 
 def read_mtp_json(path: str | Path) -> dict:
@@ -324,7 +339,7 @@ def read_mtp_json(path: str | Path) -> dict:
     if not isinstance(saved["heads"], str): raise ValueError(f"{p}: heads={saved['heads']!r} is not a layout name")
     return saved
 
-# %% ../nbs/04_native_mtp.ipynb #f6cd57e5
+# %% ../nbs/04_native_mtp.ipynb #8efc3b13
 def save_medusa(weight: Tensor, unembedding: Tensor, directory: str | Path) -> Path:
     "Write `MLPHeads.weight` [L,K,D,D] and the unembedding [V,D] as a speculator folder in vLLM's Medusa layout (config.json, model.safetensors)."
     import shutil, uuid
