@@ -338,3 +338,33 @@ def test_fsdp2_two_processes_equal_one_on_a_native_model(folders, tmp_path):
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert sorted(a) == sorted(b) and any(k.startswith("heads.0.") for k in a)
     for k in a: torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+def test_mimo_trains_and_exports_without_remote_code(folders, tmp_path):
+    "`wmtp train` on a MiMo folder (model_type mimo, no remote code): its MTP layer trains as head 1 and goes back under model.mtp_layers.0."
+    run = tmp_path / "run"
+    res = wmtp_cli("train", "--recipe", "pretrained", "--out", run, f"model.pretrained={folders['mimo']}", "model.heads=sequential", "model.n_future=2",
+                   *QUICK, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    before, after = _raw(folders["mimo"]), _raw(run / "hf")
+    keys = sorted(k for k in before if k.startswith("model.mtp_layers."))
+    assert keys and keys == sorted(k for k in after if k.startswith("model.mtp_layers."))
+    assert not torch.equal(after["model.mtp_layers.0.input_proj.weight"], before["model.mtp_layers.0.input_proj.weight"])
+    assert json.loads((run / "hf" / "config.json").read_text())["model_type"] == "mimo"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,extra", [("critic", ["data.n_tasks=24"]), ("rho1_weighted", ["reference=SRC"]), ("baseline", ["model.train=heads"]),
+                                          ("baseline", ["loss.path=per_head"]), ("baseline", ["loss.path=flatten"])])
+def test_every_algorithm_trains_the_native_layer(folders, tmp_path, recipe, extra):
+    "critic, rho1 (the model itself, alone, as reference), heads-only training and the loss paths on a DeepSeek-V3 with its MTP layer as head 1."
+    src = folders["deepseek_v3"]
+    out = tmp_path / "run"
+    res = wmtp_cli("train", "--recipe", recipe, "--out", out, f"model.pretrained={src}", "model.heads=sequential", "model.n_future=2",
+                   *QUICK, *[e.replace("SRC", str(src)) for e in extra], env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["recipe"]["algorithm"] == recipe.replace("_", "-") and all(v == v and v > 0 for v in info["final_val_loss_per_head"])
+    before, after = _raw(src), _raw(out / "hf")
+    assert not torch.equal(after["model.layers.2.eh_proj.weight"], before["model.layers.2.eh_proj.weight"])
+    if "model.train=heads" in extra: assert torch.equal(after["model.layers.1.self_attn.o_proj.weight"], before["model.layers.1.self_attn.o_proj.weight"])
