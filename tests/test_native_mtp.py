@@ -368,3 +368,19 @@ def test_every_algorithm_trains_the_native_layer(folders, tmp_path, recipe, extr
     before, after = _raw(src), _raw(out / "hf")
     assert not torch.equal(after["model.layers.2.eh_proj.weight"], before["model.layers.2.eh_proj.weight"])
     if "model.train=heads" in extra: assert torch.equal(after["model.layers.1.self_attn.o_proj.weight"], before["model.layers.1.self_attn.o_proj.weight"])
+
+
+def test_qwen3_next_without_a_count_field(folders, tmp_path):
+    "Qwen3-Next's release names no MTP count in config.json (vLLM assumes 1): the checkpoint's mtp.* keys load as head 1, and export back."
+    from wmtp.hf import from_pretrained, save_hf
+    d = tmp_path / "qn"
+    shutil.copytree(folders["qwen3_next"], d)
+    c = json.loads((d / "config.json").read_text()); del c["num_nextn_predict_layers"]; (d / "config.json").write_text(json.dumps(c))
+    m = from_pretrained(d).eval()
+    assert m.n_future == 2
+    ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(): ours = m(ids, logits="all").logits
+    torch.testing.assert_close(ours[:, :, 1], reference_head1(d, ids), rtol=1e-5, atol=1e-5)
+    save_hf(m, None, tmp_path / "exp")
+    assert sorted(k for k in _raw(tmp_path / "exp") if k.startswith("mtp.")) == sorted(k for k in _raw(d) if k.startswith("mtp."))
+    with torch.no_grad(): torch.testing.assert_close(from_pretrained(tmp_path / "exp").eval()(ids, logits="all").logits, ours, rtol=0, atol=0)

@@ -463,11 +463,11 @@ def from_pretrained(path_or_id: str | Path, # a local folder, a wmtp `hf/` expor
         if saved and v is not None and v != saved[k]: raise ValueError(f"{src} holds an MTP model with {k}={saved[k]}, not {v}")
     if saved: n_future, n_head_layers, heads = saved["n_future"], saved["n_head_layers"], saved["heads"]
     tf = _transformers()
-    if local: checkpoint_index(src)  # a folder of pickled weights is refused before transformers unpickles anything
+    index = checkpoint_index(src) if local else None  # a folder of pickled weights is refused before transformers unpickles anything
     register_mimo()  # MiMo's trunk is Qwen2's: no remote code needed
     try:
         config = tf.AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-        nat = native_mtp(config, f"{src}/config.json")  # the released MTP layers it declares, bounds checked
+        nat = native_mtp(config, f"{src}/config.json", index)  # the released MTP layers it declares (or holds), bounds checked
         if nat and n_future != 1: n_future, n_head_layers, heads = native_plan(src, nat, n_future, n_head_layers, heads)
         n_future, n_head_layers = _check_count("n_future", 4 if n_future is None else n_future), _check_count("n_head_layers", 1 if n_head_layers is None else n_head_layers)
         heads = heads or "parallel"
@@ -537,7 +537,7 @@ def save_hf(model: HFMTPModel, # the model to export (unwrapped: not an FSDP or 
     try:
         model.lm.save_pretrained(tmp)
         if tok is not None: tok.save_pretrained(tmp)
-        nat = native_mtp(model.lm.config) if model.n_future > 1 and isinstance(model.heads[0], NativeMTPModule) else None
+        nat = (model.lm.config.get_text_config(decoder=True).model_type,) if model.n_future > 1 and isinstance(model.heads[0], NativeMTPModule) else None
         written = native_tensors(model.lm, model.heads) if nat else {}
         if written: add_tensors(tmp, written)  # released MTP layers go back under their own names, index updated
         else: save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}, str(tmp / MTP_HEADS))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy, json, math, os, re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -53,6 +54,7 @@ class MTPFamily:
     hidden_first: bool = False  # concat order: [h, e] (MiMo) or [e, h] (everyone else)
     copies: tuple[tuple[str, str], ...] = ()  # (key inside the module, "embed" | "head"): copies a serving loader requires
     max_modules: int = 8  # how many modules wmtp builds from this layout
+    implied: int = 0  # modules a checkpoint holding `prefix` keys has when its config names no count (Qwen3-Next's release: vLLM assumes 1)
 
 _DS = dict(fields=("num_nextn_predict_layers",), prefix="model.layers.{N}.", e_norm="enorm", h_norm="hnorm", combine="eh_proj",
            out_norm="shared_head.norm", copies=(("embed_tokens.weight", "embed"), ("shared_head.head.weight", "head")))
@@ -60,7 +62,7 @@ MTP_FAMILIES = {
     "deepseek_v3": MTPFamily(**_DS),
     "glm4_moe": MTPFamily(**_DS),
     "qwen3_next": MTPFamily(fields=("num_nextn_predict_layers",), prefix="mtp.", e_norm="pre_fc_norm_embedding",
-                            h_norm="pre_fc_norm_hidden", combine="fc", out_norm="norm", block="layers.0.", max_modules=1),
+                            h_norm="pre_fc_norm_hidden", combine="fc", out_norm="norm", block="layers.0.", max_modules=1, implied=1),
     "mimo": MTPFamily(fields=("num_nextn_predict_layers",), prefix="model.mtp_layers.{i}.", e_norm="token_layernorm", h_norm="hidden_layernorm",
                       combine="input_proj", out_norm="final_layernorm", hidden_first=True),
 }
@@ -69,16 +71,18 @@ MAX_MTP_LAYERS = 16  # a config that declares more MTP layers than this is refus
 # %% ../nbs/04_native_mtp.ipynb #8ffdf83e
 _COUNT_FIELDS = ("num_nextn_predict_layers", "num_mtp_layers", "mtp_num_hidden_layers")  # what any family's config may call it
 
-def native_mtp(config, where: str = "config.json") -> tuple[str, int] | None:
-    "(model_type, number of MTP modules) a model config declares, None when it declares none; a bad count is a one-line error naming `where`."
+def native_mtp(config, where: str = "config.json", keys: Iterable[str] | None = None) -> tuple[str, int] | None:
+    "(model_type, number of MTP modules) a model config declares (or, with no count field, its checkpoint `keys` hold), None when none; a bad count is a one-line error naming `where`."
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     family = getattr(cfg, "model_type", None)
-    for f in MTP_FAMILIES[family].fields if family in MTP_FAMILIES else _COUNT_FIELDS:
+    fam = MTP_FAMILIES.get(family)
+    for f in fam.fields if fam else _COUNT_FIELDS:
         n = getattr(cfg, f, None)
         if n is None: continue
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_MTP_LAYERS:
             raise ValueError(f"{where}: {f}={n!r} is not a number of MTP layers in [0, {MAX_MTP_LAYERS}]")
         return (family, n) if n else None
+    if fam and fam.implied and keys is not None and any(k.startswith(fam.prefix) for k in keys): return family, fam.implied
     return None
 
 # %% ../nbs/04_native_mtp.ipynb #a2d8d3e4
@@ -189,8 +193,9 @@ def _new_module(family: str, lm: nn.Module, layers: nn.ModuleList, trunk_norm: n
 def load_native_modules(src: str | Path, lm: nn.Module, layers: nn.ModuleList, trunk_norm: nn.Module, n: int) -> nn.ModuleList:
     "The first `n` released MTP modules of the model in folder `src`, read from its safetensors files under their released names."
     from safetensors import safe_open
-    family, declared = native_mtp(lm.config)
-    fam, where, index = MTP_FAMILIES[family], Path(src), checkpoint_index(src)
+    index = checkpoint_index(src)
+    family, declared = native_mtp(lm.config, keys=index)
+    fam, where = MTP_FAMILIES[family], Path(src)
     if not 1 <= n <= min(declared, fam.max_modules):
         raise ValueError(f"{where}: {n} MTP modules asked, the checkpoint declares {declared} and wmtp builds at most {fam.max_modules} ({family})")
     W, mods = lm.get_output_embeddings().weight, nn.ModuleList()
@@ -235,7 +240,7 @@ def add_tensors(directory: str | Path, tensors: dict[str, Tensor], shard: str = 
 # %% ../nbs/04_native_mtp.ipynb #db3202c6
 def native_tensors(lm: nn.Module, heads: nn.ModuleList) -> dict[str, Tensor]:
     "Every MTP module's weights under the released key names, with the embedding/head copies the family's serving loader requires."
-    family, _ = native_mtp(lm.config)
+    family = lm.config.get_text_config(decoder=True).model_type
     fam, out = MTP_FAMILIES[family], {}
     shared = {"embed": lm.get_input_embeddings().weight, "head": lm.get_output_embeddings().weight}
     for i, mod in enumerate(heads):
@@ -247,11 +252,13 @@ def native_tensors(lm: nn.Module, heads: nn.ModuleList) -> dict[str, Tensor]:
 # %% ../nbs/04_native_mtp.ipynb #f96de7bc
 def released_tensors(src: str | Path, config) -> dict[str, Tensor]:
     "The MTP tensors a local model folder holds under the released names, as they are (an export keeps the modules it did not train)."
-    nat = native_mtp(config)
-    if not nat or nat[0] not in MTP_FAMILIES or not Path(src).is_dir(): return {}
+    if not Path(src).is_dir() or getattr(config.get_text_config(decoder=True), "model_type", None) not in MTP_FAMILIES: return {}
+    index = checkpoint_index(src)
+    nat = native_mtp(config, keys=index)
+    if not nat: return {}
     from safetensors import safe_open
     pres = tuple(module_prefix(nat[0], config, i) for i in range(nat[1]))
-    keys = {k: f for k, f in checkpoint_index(src).items() if k.startswith(pres)}
+    keys = {k: f for k, f in index.items() if k.startswith(pres)}
     out = {}
     for f in sorted(set(keys.values())):
         with safe_open(str(Path(src) / f), "pt") as fh: out.update({k: fh.get_tensor(k) for k, g in keys.items() if g == f})
