@@ -15,7 +15,7 @@ COMMANDS = {  # name: (module, function, one-line help)
     "eval": ("wmtp.evaluate", "eval_main", "evaluate a run directory or checkpoint: per-head loss, speculative decoding, pass@k"),
     "bench": ("wmtp.bench", "bench_main", "benchmark loss paths, backends, compile, heads and decoding side by side"),
     "compare": ("wmtp.compare", "compare_main", "train the four algorithms on the same data over several seeds; mean ± std report"),
-    "export": ("wmtp.run", "export_main", "write a pretrained run's model as a Hugging Face folder that keeps its heads (RUN_DIR/hf)"),
+    "export": ("wmtp.run", "export_main", "write a pretrained run's model as a Hugging Face folder that keeps its heads (RUN_DIR/hf), or mlp heads for vLLM's Medusa"),
 }
 
 # %% ../nbs/14_cli.ipynb #8459a32a

@@ -24,6 +24,10 @@ from .stack import stack_heads
 __all__ = ['SUPPORTED', 'TINY_ARCHS', 'MTP_CONFIG', 'MTP_HEADS', 'find_parts', 'tiny_model', 'HFMTPConfig', 'HFSeqModule',
            'HFMTPModel', 'HFCache', 'from_pretrained', 'HFTokenizer', 'load_tokenizer', 'save_hf']
 
+# %% ../nbs/04a_hf.ipynb #a7e1c0de
+# released MTP layers (DeepSeek-V3, GLM-4.5, Qwen3-Next, MiMo): family specs and their loader (notebook 04_native_mtp)
+from .native_mtp import NativeMTPModule, add_tensors, checkpoint_index, load_native_modules, native_mtp, native_plan, native_tensors, read_mtp_json, register_mimo, released_tensors
+
 # %% ../nbs/04a_hf.ipynb #2d63fe3f
 def _transformers():
     "transformers, imported on first use (the optional `hf` extra)."
@@ -262,7 +266,7 @@ def _heads_sequential(self: HFMTPModel, x, h0, input_ids, args, kwargs, H, kv_ca
     emb, S, outs, h = self.lm.get_input_embeddings()(input_ids), input_ids.shape[1], [], x
     for k, mod in enumerate(self.heads[:H - 1], start=1):
         h = mod(h, F.pad(emb[:, k:], (0, 0, 0, min(k, S))), a, kwa)  # past the end no token t+k: zeros (no target there)
-        outs.append(self._parts[2](h))
+        outs.append(h if getattr(mod, "normed_output", False) else self._parts[2](h))  # a released module applies its own output norm
     return outs
 
 # %% ../nbs/04a_hf.ipynb #c8016b62
@@ -442,34 +446,43 @@ def _load_heads(path: Path, model: HFMTPModel) -> dict:
 
 # %% ../nbs/04a_hf.ipynb #99ed1383
 def from_pretrained(path_or_id: str | Path, # a local folder, a wmtp `hf/` export, or a Hugging Face Hub id
-                    n_future: int | None = None, # heads H (head 0 is the model); None: what an export saved, else 4
+                    n_future: int | None = None, # heads H (head 0 is the model); None: what an export saved, 1 + the released MTP layers, else 4
                     n_head_layers: int | None = None, # per head: decoder layers (parallel, sequential) or MLP blocks; None: what an export saved, else 1
                     heads: str | None = None, # layout: parallel | sequential | mlp; None: what an export saved, else parallel
                     trust_remote_code: bool = False, # run model code shipped with the checkpoint: only for code you trust
                     check: bool = True, # verify head 0 against the model's own logits on a few tokens
                     **options, # for `AutoModelForCausalLM.from_pretrained`, e.g. dtype=torch.bfloat16
                    ) -> HFMTPModel:
-    "Load a Hugging Face causal LM (or a wmtp export with its heads) as an `HFMTPModel`."
+    "Load a Hugging Face causal LM (or a wmtp export with its heads) as an `HFMTPModel`; released MTP layers become its sequential modules."
     local = isinstance(path_or_id, Path) or _is_local(str(path_or_id))
     src = str(Path(path_or_id).expanduser()) if local else str(path_or_id)
     if local and not os.path.isdir(src): raise FileNotFoundError(f"no such model folder: {src}")
     if local and not os.path.isfile(os.path.join(src, "config.json")): raise ValueError(f"{src} is not a Hugging Face model folder (no config.json)")
-    saved = json.loads(Path(src, MTP_CONFIG).read_text()) if local and os.path.isfile(os.path.join(src, MTP_CONFIG)) else None
-    if saved: saved.setdefault("heads", "parallel")  # exports from before the layouts
+    saved = read_mtp_json(Path(src, MTP_CONFIG)) if local and os.path.isfile(os.path.join(src, MTP_CONFIG)) else None  # bounds checked
     for k, v in (("n_future", n_future), ("n_head_layers", n_head_layers), ("heads", heads)):
         if saved and v is not None and v != saved[k]: raise ValueError(f"{src} holds an MTP model with {k}={saved[k]}, not {v}")
-    n_future = _check_count("n_future", saved["n_future"] if saved else 4 if n_future is None else n_future)
-    n_head_layers = _check_count("n_head_layers", saved["n_head_layers"] if saved else 1 if n_head_layers is None else n_head_layers)
-    heads = saved["heads"] if saved else heads or "parallel"
-    if heads not in HEAD_LAYOUTS: raise ValueError(f"heads must be one of {', '.join(HEAD_LAYOUTS)}, got {heads!r}{did_you_mean(str(heads), HEAD_LAYOUTS)}")
+    if saved: n_future, n_head_layers, heads = saved["n_future"], saved["n_head_layers"], saved["heads"]
     tf = _transformers()
-    try: lm = tf.AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust_remote_code, **options)
+    index = checkpoint_index(src) if local else None  # a folder of pickled weights is refused before transformers unpickles anything
+    register_mimo()  # MiMo's trunk is Qwen2's: no remote code needed
+    try:
+        config = tf.AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+        nat = native_mtp(config, f"{src}/config.json", index)  # the released MTP layers it declares (or holds), bounds checked
+        if nat and n_future != 1: n_future, n_head_layers, heads = native_plan(src, nat, n_future, n_head_layers, heads)
+        n_future, n_head_layers = _check_count("n_future", 4 if n_future is None else n_future), _check_count("n_head_layers", 1 if n_head_layers is None else n_head_layers)
+        heads = heads or "parallel"
+        if heads not in HEAD_LAYOUTS: raise ValueError(f"heads must be one of {', '.join(HEAD_LAYOUTS)}, got {heads!r}{did_you_mean(str(heads), HEAD_LAYOUTS)}")
+        native = bool(nat) and n_future > 1
+        if native and not local: raise ValueError(f"{src}: released MTP layers load from a local folder; download it first (hf download {src} --local-dir DIR)")
+        lm = tf.AutoModelForCausalLM.from_pretrained(src, config=config, trust_remote_code=trust_remote_code, **options)
     except ValueError as e:
-        if "Unrecognized configuration class" not in str(e): raise
+        if "Unrecognized" not in str(e): raise
         raise ValueError(f"{src} is not a causal language model ({str(e).splitlines()[0][:160]}); wmtp.hf supports {SUPPORTED}") from e
     except OSError as e: raise OSError(f"cannot load {src!r}: not a local model folder, nor a Hub id transformers could fetch ({e})") from e
-    model = HFMTPModel(lm, n_future, n_head_layers, heads)
-    if saved: model.heads.load_state_dict(_load_heads(Path(src, MTP_HEADS), model))
+    model = HFMTPModel(lm, 1 if native else n_future, n_head_layers, heads)
+    if native:  # the checkpoint's own modules, not copies of the last layer (their weights are in the model's files, even in an export)
+        model.heads, model.cfg.n_future = load_native_modules(src, lm, model.trunk, model._parts[2], n_future - 1), n_future
+    elif saved: model.heads.load_state_dict(_load_heads(Path(src, MTP_HEADS), model))
     if check: _verify_head0(model)
     return model
 
@@ -512,7 +525,7 @@ def save_hf(model: HFMTPModel, # the model to export (unwrapped: not an FSDP or 
             tokenizer, # an `HFTokenizer`, a transformers tokenizer, or None
             directory: str | Path, # a new (or empty) folder
            ) -> Path:
-    "Write a folder that transformers loads as head 0, keeping the extra heads in `mtp_heads.safetensors` + `mtp.json`."
+    "Write a folder that transformers loads as head 0, keeping the extra heads in `mtp_heads.safetensors` (released MTP layers: in the checkpoint) + `mtp.json`."
     from safetensors.torch import save_file
     if not isinstance(model, HFMTPModel): raise TypeError(f"save_hf needs an HFMTPModel, got {type(model).__name__}")
     tok = getattr(tokenizer, "tokenizer", tokenizer)
@@ -524,9 +537,14 @@ def save_hf(model: HFMTPModel, # the model to export (unwrapped: not an FSDP or 
     try:
         model.lm.save_pretrained(tmp)
         if tok is not None: tok.save_pretrained(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}, str(tmp / MTP_HEADS))
+        nat = (model.lm.config.get_text_config(decoder=True).model_type,) if model.n_future > 1 and isinstance(model.heads[0], NativeMTPModule) else None
+        written = native_tensors(model.lm, model.heads) if nat else {}
+        if written: add_tensors(tmp, written)  # released MTP layers go back under their own names, index updated
+        else: save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}, str(tmp / MTP_HEADS))
+        kept = {k: v for k, v in released_tensors(model.lm.name_or_path, model.lm.config).items() if k not in written}
+        if kept: add_tensors(tmp, kept, "model-mtp-kept.safetensors")  # released modules not trained here: copied, so the config's count holds
         (tmp / MTP_CONFIG).write_text(json.dumps({"format": "wmtp.hf/1", "heads": model.cfg.heads, "n_future": model.n_future,
-                                                  "n_head_layers": model.cfg.n_head_layers}, indent=1))
+                                                  "n_head_layers": model.cfg.n_head_layers, **({"native": nat[0]} if nat else {})}, indent=1))
         if d.exists(): d.rmdir()
         tmp.rename(d)
     finally: shutil.rmtree(tmp, ignore_errors=True)

@@ -13,11 +13,12 @@ from torch import nn
 from .model import MTPConfig, MTPTransformer
 from .data import ByteTokenizer
 from .checkpoint import CheckpointManager, export_safetensors, load_safetensors
+from .core import did_you_mean
 
 # %% auto #0
-__all__ = ['RUN_INFO', 'MODEL_FILE', 'CHECKPOINTS', 'PLOTS', 'HF_DIR', 'write_run_info', 'read_run_info', 'save_run_model',
-           'has_checkpoints', 'RunPaths', 'locate', 'hf_source', 'run_tokenizer', 'LoadedRun', 'load_run', 'export_run',
-           'export_main']
+__all__ = ['RUN_INFO', 'MODEL_FILE', 'CHECKPOINTS', 'PLOTS', 'HF_DIR', 'EXPORT_FORMATS', 'write_run_info', 'read_run_info',
+           'save_run_model', 'has_checkpoints', 'RunPaths', 'locate', 'hf_source', 'run_tokenizer', 'LoadedRun',
+           'load_run', 'export_run', 'export_main']
 
 # %% ../nbs/05a_run.ipynb #7c2dcf79
 RUN_INFO, MODEL_FILE, CHECKPOINTS, PLOTS = "run.json", "model.safetensors", "checkpoints", "plots"
@@ -123,9 +124,15 @@ def load_run(path, cfg: MTPConfig | None = None) -> LoadedRun:
         load_safetensors(model, paths.weights)
     return LoadedRun(model.eval(), info, paths.run_dir, _step(paths, info))
 
+# %% ../nbs/05a_run.ipynb #e3f0a11d
+EXPORT_FORMATS = {  # wmtp export --format: what it writes, for which head layout
+    "hf": "a Hugging Face folder, every layout (released MTP layers under their own names, for vLLM/SGLang method mtp)",
+    "medusa": "a vLLM Medusa speculator, model.heads=mlp only",
+}
+
 # %% ../nbs/05a_run.ipynb #b99a78f2
-def export_run(path, to=None) -> Path:
-    "Write the model of a pretrained run (a run directory, its weights or a checkpoint) as a HF folder (default RUN_DIR/hf)."
+def export_run(path, to=None, format: str = "hf") -> Path:
+    "Write the model of a pretrained run (a run directory, its weights or a checkpoint) as a HF folder (default RUN_DIR/hf) or, `format='medusa'`, its mlp heads as a vLLM Medusa speculator (default RUN_DIR/medusa)."
     from wmtp.hf import save_hf
     p = Path(path).expanduser()
     run_dir = p if (p / RUN_INFO).is_file() else locate(p).run_dir
@@ -133,9 +140,17 @@ def export_run(path, to=None) -> Path:
     if not hf_source(info):
         raise ValueError(f"{run_dir} trained wmtp's own MTPTransformer, not a pretrained Hugging Face model (recipe.model.pretrained): "
                          "there is no transformers folder to export")
-    dest = Path(to).expanduser() if to else run_dir / HF_DIR
+    if format not in EXPORT_FORMATS: raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}{did_you_mean(str(format), EXPORT_FORMATS)}")
+    heads = info.get("model_config", {}).get("heads", "parallel")
+    if format == "medusa" and heads != "mlp":
+        raise ValueError(f"{run_dir} trained model.heads={heads}: --format medusa writes mlp heads only (vLLM's Medusa computes exactly them); "
+                         f"formats: {'; '.join(f'{k}: {v}' for k, v in EXPORT_FORMATS.items())}")
+    dest = Path(to).expanduser() if to else run_dir / (HF_DIR if format == "hf" else format)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())): raise FileExistsError(f"{dest} exists and is not an empty folder")
     loaded = load_run(path)
+    if format == "medusa":
+        from wmtp.native_mtp import save_medusa
+        return save_medusa(loaded.model.heads[0].weight, loaded.model.unembedding, dest)
     return save_hf(loaded.model, run_tokenizer(info, run_dir), dest)
 
 # %% ../nbs/05a_run.ipynb #62bad781
@@ -145,10 +160,12 @@ def export_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="wmtp export", description="Write a pretrained run's model as a Hugging Face folder: plain "
                                 "transformers loads it as head 0, wmtp.hf.from_pretrained restores every head.")
     p.add_argument("path", help="run directory, its model.safetensors, or a checkpoint DIR/checkpoints/step-N")
-    p.add_argument("--to", help="the folder to write (default: RUN_DIR/hf); it must not exist or be empty")
+    p.add_argument("--to", help="the folder to write (default: RUN_DIR/hf, RUN_DIR/medusa); it must not exist or be empty")
+    p.add_argument("--format", default="hf", help="; ".join(f"{k}: {v}" for k, v in EXPORT_FORMATS.items()))
     a = p.parse_args(argv)
-    try: d = export_run(a.path, a.to)
+    try: d = export_run(a.path, a.to, a.format)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"wmtp export: error: {e}", file=sys.stderr); return 2
-    print(f"wmtp export: {d} (transformers: AutoModelForCausalLM.from_pretrained; all heads: wmtp.hf.from_pretrained)")
+    print(f"wmtp export: {d} " + ("(vLLM: --speculative-config '{\"method\": \"medusa\", \"model\": DIR, ...}')" if a.format == "medusa" else
+                                  "(transformers: AutoModelForCausalLM.from_pretrained; all heads: wmtp.hf.from_pretrained)"))
     return 0

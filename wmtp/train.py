@@ -113,7 +113,8 @@ def _pretrained_model(recipe: Recipe, tokenizer):
     "MTP heads on the recipe's pretrained model (`wmtp.hf`); `model.train=heads` freezes the pretrained model."
     from wmtp.hf import from_pretrained
     m = recipe.model
-    model = from_pretrained(m.pretrained, n_future=m.n_future, n_head_layers=m.n_head_layers, heads=m.heads, dtype=torch.float32)
+    try: model = from_pretrained(m.pretrained, n_future=m.n_future, n_head_layers=m.n_head_layers, heads=m.heads, dtype=torch.float32)
+    except ValueError as e: raise ConfigError(f"model.pretrained={m.pretrained}: {e}") from None  # a folder's bad field: one line, nothing written
     if recipe.data.seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than the pretrained model's {model.cfg.max_seq_len} positions")
     if tokenizer.vocab_size > model.cfg.vocab_size:
@@ -219,9 +220,11 @@ def _check_pretrained(recipe: Recipe):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     src = recipe.model.pretrained
     if _is_local(src) and not Path(src).expanduser().is_dir(): raise FileNotFoundError(f"model.pretrained={src}: no such model folder")
+    from wmtp.native_mtp import register_mimo
+    register_mimo()  # MiMo: a Qwen2 trunk and its released MTP layers, read without remote code
     try: cfg = _transformers().AutoConfig.from_pretrained(src)
     except (OSError, ValueError) as e: raise ConfigError(f"model.pretrained={src} is not a Hugging Face model ({str(e).splitlines()[0]})") from None
-    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and type(cfg) not in _transformers().AutoModelForCausalLM._model_mapping:  # built in or registered
         raise ConfigError(f"model.pretrained={src} is a {cfg.model_type!r} model, not a causal language model")
     n = getattr(cfg.get_text_config(decoder=True), "max_position_embeddings", None)
     if n and recipe.data.seq_len > n: raise ConfigError(f"data.seq_len={recipe.data.seq_len} is longer than the pretrained model's {n} positions")
