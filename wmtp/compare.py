@@ -220,7 +220,8 @@ def _run_all(jobs: list[dict], ctx: dict, n_jobs: int, log) -> list[dict]:
             if not running: raise RuntimeError("wmtp compare: jobs wait for a reference that no job makes")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
-                j = running.pop(f); results[j["dir"]] = f.result(); note(j, results[j["dir"]], time.time())
+                j = running.pop(f); results[j["dir"]] = f.result()
+                if results[j["dir"]] is not None: note(j, results[j["dir"]], time.time())
     return [results[j["dir"]] for j in jobs if results[j["dir"]] is not None]
 
 # %% ../nbs/13a_compare.ipynb #234f603c
@@ -246,7 +247,7 @@ def run_compare(out, seeds=(0, 1, 2), rows=tuple(ROWS), fracs=(None, 0.3), overr
                threads=threads if n_jobs > 1 else None, report_only=report_only)
     if report_only and not done: raise ConfigError(f"--report-only: no finished job in {out}")
     t0 = time.time()
-    results = _run_all(jobs, ctx, n_jobs, log)
+    results = _run_all(jobs, ctx, 1 if report_only else n_jobs, log)  # reading results back needs no processes
     _, r = setting("baseline", config, overrides, quick)
     _, rc = setting("critic", config, overrides, quick)
     records, problems = eval_set(eval_tasks)
