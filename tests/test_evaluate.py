@@ -66,7 +66,7 @@ def test_eval_without_tracking_writes_no_store(tmp_path):
     run = _run_dir(tmp_path / "run", tracked=False)
     out = _wmtp("eval", str(run / "model.safetensors"), *FAST, "--tasks", "builtin", "--no-track")
     assert out.returncode == 0, out.stderr
-    assert "| pass@k (builtin: 2 problems, 1 samples each, T=0) | value |" in out.stdout
+    assert "| pass@k (builtin: 2 problems, 1 samples each, T=0, 16 new tokens, 0 reference solutions fit) | value |" in out.stdout
     assert "logged to MLflow" not in out.stdout and not (run / "mlflow.db").exists()
 
 

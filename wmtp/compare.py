@@ -135,6 +135,7 @@ def pass_curve(run_dir, problems, seed: int = 0) -> list[dict]:
     out = []
     for path in [*ck, Path(run_dir)]:
         run = load_run(path)
+        if out and out[-1]["step"] == run.step: continue  # the final weights are the last checkpoint's
         model, tok = run.model.eval(), run_tokenizer(run.info, run.run_dir)
         budget, _ = generation_budget(problems, tok, model.cfg.max_seq_len)
         res = score_completions(problems, sample_completions(model, problems, tok, 1, 0.0, budget, seed=seed))
