@@ -542,15 +542,15 @@ def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int):
         x, passes, accepted = out.trunk[:, :1 + a], passes + 1, accepted + a
     return seq[None], dict(forward_passes=passes, accepted_drafts=accepted)
 
-# %% ../nbs/04_model.ipynb #fee69f23
+# %% ../nbs/04_model.ipynb #36c2c2cc
 @patch
-def _check_speculative(self: MTPTransformer, temperature: float):
-    "Refuse, before decoding, what speculative decoding cannot do with this model."
-    if temperature != 0 and self.cfg.heads == "sequential":
+def _check_decoding(self: MTPTransformer, speculative: bool, temperature: float):
+    "Refuse, before decoding, what this model cannot decode."
+    if speculative and temperature != 0 and self.cfg.heads == "sequential":
         raise ValueError("speculative sampling needs parallel or mlp heads (sequential modules draft greedily, one after the other): "
                          "use temperature=0, or speculative=False to sample")
 
-# %% ../nbs/04_model.ipynb #63745642
+# %% ../nbs/04_model.ipynb #05759a2d
 @patch
 @torch.no_grad()
 def generate(self: MTPTransformer, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
@@ -571,7 +571,7 @@ def generate(self: MTPTransformer, input_ids: Tensor, max_new_tokens: int, *, te
     if top_k is not None and top_k < 1: raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if not 0 <= draft_threshold <= 1: raise ValueError(f"draft_threshold must be in [0, 1], got {draft_threshold!r}")
     if speculative and not use_cache: raise ValueError("speculative decoding needs the KV cache: use_cache=True")
-    if speculative: self._check_speculative(temperature)
+    self._check_decoding(speculative, temperature)
     was_training = self.training
     self.eval()
     try:
