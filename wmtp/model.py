@@ -55,6 +55,7 @@ class KVCache:
     def __init__(self, n_layers: int, max_len: int):
         self.n_layers, self.max_len, self.length = n_layers, max_len, 0
         self.rows: Tensor | None = None  # [B] lengths of a ragged batch (speculative decoding), `length` then bounds them
+        self._mask = (None, None, None)  # the attention mask of the current pass, made by its first layer
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
 
@@ -86,20 +87,27 @@ class KVCache:
         self.length, self.rows = hi, (None if lo == hi else rows)
 
 # %% ../nbs/04_model.ipynb #18b05338
+def _mask(cache: KVCache | None, B: int, Tq: int, T: int, device) -> Tensor | None:
+    "The mask [Tq,L+T] (ragged rows: [B,1,Tq,L+T]) of queries for the last Tq of T new positions after L cached; None where none is needed. Made once per pass."
+    L, rows = (0, None) if cache is None else (cache.length, cache.rows)
+    if cache is not None and cache._mask[0] == (L, B, Tq, T) and cache._mask[1] is rows: return cache._mask[2]  # another layer of the same pass
+    if rows is not None:  # ragged rows: query i of row b sits at rows[b]+T-Tq+i and sees keys up to there (the rest is stale)
+        at = rows[:B, None] + (T - Tq) + torch.arange(Tq, device=device)
+        mask = (torch.arange(L + T, device=device) <= at[..., None])[:, None]
+    else:  # query i sits at position L+T-Tq+i and may see keys 0..L+T-Tq+i (one query at the end sees everything: no mask)
+        mask = torch.ones(Tq, L + T, dtype=torch.bool, device=device).tril(L + T - Tq) if Tq > 1 else None
+    if cache is not None: cache._mask = ((L, B, Tq, T), rows, mask)
+    return mask
+
+# %% ../nbs/04_model.ipynb #35e43abc
 def _attend(q: Tensor, k: Tensor, v: Tensor, n_head: int, cache: KVCache | None, layer: int, dropout: float = 0.0) -> Tensor:
     "Causal attention [B,Tq,D] of queries for the last Tq of T new positions over cached + new keys and values [B,T,D]."
     B, Tq, D = q.shape
     T = k.shape[1]
     q, k, v = (t.view(B, t.shape[1], n_head, D // n_head).transpose(1, 2) for t in (q, k, v))
-    L = 0 if cache is None else cache.length
-    rows = None if cache is None else cache.rows
+    causal = (cache is None or (cache.length == 0 and cache.rows is None)) and Tq == T > 1
+    mask = None if causal else _mask(cache, B, Tq, T, q.device)
     if cache is not None: k, v = cache.update(layer, k, v)
-    causal = L == 0 and Tq == T > 1 and rows is None
-    if rows is not None:  # ragged rows: query i of row b sits at rows[b]+T-Tq+i and sees keys up to there (the rest is stale)
-        at = rows[:B, None] + (T - Tq) + torch.arange(Tq, device=q.device)
-        mask = (torch.arange(L + T, device=q.device) <= at[..., None])[:, None]
-    else:  # query i sits at position L+T-Tq+i and may see keys 0..L+T-Tq+i (one query at the end sees everything: no mask)
-        mask = torch.ones(Tq, L + T, dtype=torch.bool, device=q.device).tril(L + T - Tq) if Tq > 1 and not causal else None
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
     return y.transpose(1, 2).reshape(B, Tq, D)
 
