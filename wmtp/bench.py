@@ -445,6 +445,12 @@ def targets(res: dict) -> list[dict]:
         best = max((d for d in res["decoding"] if d["device"] == dev), key=lambda d: _judged(d, "speedup", "cpu_speedup"))
         sp = _judged(best, "speedup", "cpu_speedup")
         out.append(_row(f"self-speculative vs greedy tokens/s, best layout ({dev})", f"{sp:.2f}x ({best['heads']})", ">= 2.5x", sp >= 2.5))
+    for r in (r for r in res.get("real_code", []) if r["method"] == "wmtp speculative"):
+        x, w, tpf = r["x_transformers_greedy"], r["x_wmtp_greedy"], r["tokens_per_forward"]
+        out.append(_row(f"real code: wmtp speculative vs transformers greedy (cpu, {r['heads']} layout)",
+                        f"{x:.2f}x, identical: {'yes' if r['identical'] else 'no'}", ">= 1.00x, identical", x >= 1.0 and r["identical"]))
+        out.append(_row(f"real code: wmtp speculative vs wmtp greedy (cpu, {r['heads']} layout)",
+                        f"{w:.2f}x at {tpf:.2f} tokens per forward ({w / tpf:.2f} of it)", ">= 0.85 x tokens per forward", w >= 0.85 * tpf))
     return out
 
 # %% ../nbs/13_bench.ipynb #e66d8dc5

@@ -462,7 +462,7 @@ def _choose_heads(n: int, tried: list, acc: list, costs: tuple[float, float], pe
 # %% ../nbs/04_model.ipynb #b4ed8f5c
 @patch
 def _speculate_batch(self: MTPTransformer, ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                     generator: torch.Generator | None = None, draft_threshold: float = 0.1, adapt: bool = True):
+                     generator: torch.Generator | None = None, draft_threshold: float = 0.0, adapt: bool = True):
     "Self-speculative decoding of a batch [B,S] (parallel or mlp heads): each pass verifies the drafts and drafts anew from the same forward."
     B, S = ids.shape
     N, H, dev, V, W = max_new_tokens, self.n_future, ids.device, self.unembedding.shape[0], self.unembedding
@@ -564,7 +564,7 @@ def _check_decoding(self: MTPTransformer, speculative: bool, temperature: float)
 def generate(self: MTPTransformer, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, speculative: bool = False, return_stats: bool = False,
              generator: torch.Generator | None = None, use_cache: bool = True,
-             draft_threshold: float = 0.1, # speculative: a head drafts only while its top probability is at least this
+             draft_threshold: float = 0.0, # speculative: a head drafts only while its top probability is at least this
              adapt_heads: bool = True, # speculative: stop running heads whose running acceptance does not pay for them
             ):
     "Append `max_new_tokens` tokens to `input_ids` [B,S]: greedy, sampled, or self-speculative (greedy or sampled); ids [B,S+new] (, stats)."
