@@ -185,7 +185,7 @@ class HFMTPModel(nn.Module):
         "Number of parameters (shared ones once)."
         return sum(p.numel() for p in self.parameters())
 
-# %% ../nbs/04a_hf.ipynb #5b852ebf
+# %% ../nbs/04a_hf.ipynb #9545d3d0
 class HFCache:
     "The model's own `DynamicCache` plus one per extra head, with one shared length that can be cropped."
     def __init__(self, config, n_heads: int):
@@ -293,7 +293,7 @@ def forward(self: HFMTPModel, input_ids: Tensor, attention_mask: Tensor | None =
     elif logits == "all": lg = stack_heads([F.linear(o, W) for o in outs], dim=2)
     return MTPOutput(stack_heads(outs, dim=2), x, lg)
 
-# %% ../nbs/04a_hf.ipynb #43f30d65
+# %% ../nbs/04a_hf.ipynb #4cfd0fe4
 for _name in ("generate", "_decode", "_head_logits", "_draft_logits", "_speculate_batch"): setattr(HFMTPModel, _name, getattr(MTPTransformer, _name))
 
 # %% ../nbs/04a_hf.ipynb #64203350
@@ -357,7 +357,7 @@ def _probe_multi_token(self: HFMTPModel):
                          "and speculative decoding verifies several at once; use speculative=False (greedy or sampling)") from e
     self._multi_token_ok = True
 
-# %% ../nbs/04a_hf.ipynb #cc1ac33c
+# %% ../nbs/04a_hf.ipynb #1c40e631
 @patch
 def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
     "Self-speculative greedy decoding of one sequence [1,S] with sequential modules as drafts: identical to greedy head 0."
@@ -398,7 +398,7 @@ def _draft_sequential(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Ten
         toks = torch.cat([toks, F.linear(norm(h[0, -1]), self.unembedding).argmax(-1, keepdim=True)])
     return toks[seq.numel():]
 
-# %% ../nbs/04a_hf.ipynb #0e570924
+# %% ../nbs/04a_hf.ipynb #7aa11dbe
 @patch
 def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
     "Sequential modules draft at the last accepted position only; the model alone verifies in one cached pass."

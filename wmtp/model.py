@@ -49,7 +49,7 @@ class MTPConfig:
         if self.heads not in HEAD_LAYOUTS:
             raise ValueError(f"MTPConfig.heads must be one of {', '.join(HEAD_LAYOUTS)}, got {self.heads!r}{did_you_mean(self.heads, HEAD_LAYOUTS)}")
 
-# %% ../nbs/04_model.ipynb #7c7f8810
+# %% ../nbs/04_model.ipynb #45523451
 class KVCache:
     "Preallocated keys and values for each attention layer, with one shared length that can be cropped, or one length per row (`rows`)."
     def __init__(self, n_layers: int, max_len: int):
@@ -99,7 +99,7 @@ def _mask(cache: KVCache | None, B: int, Tq: int, T: int, device) -> Tensor | No
     if cache is not None: cache._mask = ((L, B, Tq, T), rows, mask)
     return mask
 
-# %% ../nbs/04_model.ipynb #35e43abc
+# %% ../nbs/04_model.ipynb #353100dc
 def _attend(q: Tensor, k: Tensor, v: Tensor, n_head: int, cache: KVCache | None, layer: int, dropout: float = 0.0) -> Tensor:
     "Causal attention [B,Tq,D] of queries for the last Tq of T new positions over cached + new keys and values [B,T,D]."
     B, Tq, D = q.shape
@@ -318,7 +318,7 @@ def _probs(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return logits.softmax(-1)
 
-# %% ../nbs/04_model.ipynb #900e0a5c
+# %% ../nbs/04_model.ipynb #795be085
 def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
     "Next token [B] from logits [B,V]: argmax when temperature is 0, else a sample of `_probs`."
     if temperature == 0: return logits.argmax(-1)
@@ -343,7 +343,7 @@ def _decode(self: MTPTransformer, ids, max_new_tokens, temperature, top_k, gener
         x = nxt[:, None] if use_cache else ids
     return ids, dict(forward_passes=max_new_tokens, tokens_generated=max_new_tokens * ids.shape[0], tokens_per_forward=1.0)
 
-# %% ../nbs/04_model.ipynb #5b345e85
+# %% ../nbs/04_model.ipynb #366ab4c5
 @patch
 def _stacked_heads(self: MTPTransformer) -> list[dict]:
     "Every parallel head's block weights stacked over heads (head 0 first), layer by layer, transposed for `bmm`: the heads run as one batch."
@@ -355,7 +355,7 @@ def _stacked_heads(self: MTPTransformer) -> list[dict]:
                         qkv=st(lambda b: b.qkv.weight.T), proj=st(lambda b: b.proj.weight.T), fc=st(lambda b: b.fc.weight.T), out=st(lambda b: b.out.weight.T)))
     return out
 
-# %% ../nbs/04_model.ipynb #bbdff893
+# %% ../nbs/04_model.ipynb #c6b96913
 def _heads_block(w: dict, h: Tensor, cache: KVCache, layer: int, n_head: int) -> Tensor:
     "One block of each of the first n heads at once on `h` [n,B,T,D] (eval mode): `Block.forward` with head k's weights on h[k]."
     n, B, T, D = h.shape
@@ -366,7 +366,7 @@ def _heads_block(w: dict, h: Tensor, cache: KVCache, layer: int, n_head: int) ->
     h = h + torch.bmm(F.gelu(torch.bmm(F.rms_norm(h, (D,), eps=w["eps"]) * w["n2"][:n], w["fc"][:n])), w["out"][:n])
     return h.reshape(n, B, T, D)
 
-# %% ../nbs/04_model.ipynb #b6eb49f4
+# %% ../nbs/04_model.ipynb #2c62386d
 @patch
 def _draft_state(self: MTPTransformer) -> dict:
     "What sequential modules keep between passes: one cache each and each depth's hidden states."
@@ -529,7 +529,7 @@ def _speculate_batch(self: MTPTransformer, ids: Tensor, max_new_tokens: int, tem
     return seq[:, :S + N], dict(forward_passes=int(passes.sum()), accepted_drafts=int(accepted.sum()),
                                 drafted_per_head=tried[:H - 1].tolist(), accepted_per_head=acc[:H - 1].tolist(), heads_run=n)
 
-# %% ../nbs/04_model.ipynb #6f3cf799
+# %% ../nbs/04_model.ipynb #8858aec2
 @patch
 def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int):
     "Self-speculative greedy decoding of one sequence [1,S] with sequential modules: they draft at the last accepted position, head 0 verifies."
@@ -558,7 +558,7 @@ def _check_decoding(self: MTPTransformer, speculative: bool, temperature: float)
         raise ValueError("speculative sampling needs parallel or mlp heads (sequential modules draft greedily, one after the other): "
                          "use temperature=0, or speculative=False to sample")
 
-# %% ../nbs/04_model.ipynb #05759a2d
+# %% ../nbs/04_model.ipynb #8a55c24f
 @patch
 @torch.no_grad()
 def generate(self: MTPTransformer, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
