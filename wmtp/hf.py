@@ -17,7 +17,7 @@ from torch import Tensor
 from fastcore.basics import patch
 
 from .core import did_you_mean
-from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, check_forward_inputs, MTPTransformer, SeqModule
+from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, check_forward_inputs, MTPTransformer, SeqModule, _choose_heads
 from .stack import stack_heads
 
 # %% auto #0
@@ -326,7 +326,7 @@ def _spec_crop(self: HFMTPModel, st: dict, rows: Tensor, lo: int, hi: int, n: in
 def _spec_costs(self: HFMTPModel) -> tuple[float, float]:
     "A pass's cost in decoder-layer units with no drafting head, and what each drafting head adds (its copied layers, or an MLP's D x D matmul)."
     c = self.cfg
-    return c.n_layer + 1.0, (c.n_head_layers if c.heads == "parallel" else 0.1 * c.n_head_layers)
+    return c.n_layer + 1.0, {"parallel": c.n_head_layers, "sequential": c.n_head_layers + 0.5}.get(c.heads, 0.1 * c.n_head_layers)
 
 # %% ../nbs/04a_hf.ipynb #96189763
 _ROLLS_BACK = ("DynamicLayer", "DynamicSlidingWindowLayer", "DummyLayer")  # cache layers that can drop rejected drafts (or hold nothing)
@@ -359,9 +359,9 @@ def _probe_multi_token(self: HFMTPModel):
 
 # %% ../nbs/04a_hf.ipynb #1c40e631
 @patch
-def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
+def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int, adapt: bool = True):
     "Self-speculative greedy decoding of one sequence [1,S] with sequential modules as drafts: identical to greedy head 0."
-    return self._speculate_drafts(ids, max_new_tokens)
+    return self._speculate_drafts(ids, max_new_tokens, adapt)
 
 # %% ../nbs/04a_hf.ipynb #04889d11
 class _Stop(Exception): "Raised by a hook to stop the base model at its first decoder layer."
@@ -400,7 +400,7 @@ def _draft_sequential(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Ten
 
 # %% ../nbs/04a_hf.ipynb #7aa11dbe
 @patch
-def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
+def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int, adapt: bool = True):
     "Sequential modules draft at the last accepted position only; the model alone verifies in one cached pass."
     W, S, n_extra = self.unembedding, ids.shape[1], self.n_future - 1
     cache = self.new_cache(n_heads=1)
@@ -408,8 +408,9 @@ def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
     out = self(ids, kv_cache=cache, n_heads=1)  # prefill: the model over the prompt
     seq = torch.cat([ids[0], F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])  # the prompt, then the first sure token
     x, n, passes, accepted = out.trunk, out.hidden[:, :, 0], 1, 0
+    heads, tried, acc = self.n_future, [0] * self.n_future, [0] * self.n_future  # modules run, and their running acceptance
     while (left := S + max_new_tokens - seq.numel()) > 0:
-        m = min(n_extra, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
+        m = min(heads - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
         drafts = self._draft_sequential(st, x, n, seq, m) if m > 0 else seq[:0]
         start = cache.length
         out = self(torch.cat([seq[-1:], drafts])[None], kv_cache=cache, n_heads=1)  # verify: the sure token, then the drafts
@@ -418,6 +419,8 @@ def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
         cache.crop(start + 1 + a)
         seq = torch.cat([seq, drafts[:a], pred[a:a + 1]])
         x, n, passes, accepted = out.trunk[:, :1 + a], out.hidden[:, :1 + a, 0], passes + 1, accepted + a
+        for k in range(min(a + 1, m)): tried[k] += 1; acc[k] += k < a  # module k+1 was judged: the drafts before it accepted
+        if adapt: heads = _choose_heads(heads, tried, acc, self._spec_costs())
     return seq[None], dict(forward_passes=passes, accepted_drafts=accepted)
 
 # %% ../nbs/04a_hf.ipynb #44a0a8f5

@@ -427,10 +427,10 @@ def _spec_crop(self: MTPTransformer, st: dict, rows: Tensor, lo: int, hi: int, n
 # %% ../nbs/04_model.ipynb #712a45b3
 @patch
 def _spec_costs(self: MTPTransformer) -> tuple[float, float]:
-    "A pass's cost in block units with no drafting head, and what each drafting head adds (batched parallel blocks; MLP heads are a D x D matmul)."
+    "A pass's cost in block units with no drafting head, and what each drafting head adds (batched parallel blocks; a sequential module's blocks in a call of their own; MLP heads are a D x D matmul)."
     c = self.cfg
     if c.heads == "parallel": return c.n_layer + c.n_head_layers + 1.0, 0.4 * c.n_head_layers
-    return c.n_layer + 1.0, 0.1 * c.n_head_layers
+    return c.n_layer + 1.0, (c.n_head_layers + 0.5 if c.heads == "sequential" else 0.1 * c.n_head_layers)
 
 # %% ../nbs/04_model.ipynb #8a84f547
 @patch
@@ -531,15 +531,16 @@ def _speculate_batch(self: MTPTransformer, ids: Tensor, max_new_tokens: int, tem
 
 # %% ../nbs/04_model.ipynb #8858aec2
 @patch
-def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int):
+def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int, adapt: bool = True):
     "Self-speculative greedy decoding of one sequence [1,S] with sequential modules: they draft at the last accepted position, head 0 verifies."
     W, S = self.unembedding, ids.shape[1]
     cache, st = self.new_cache(n_heads=1), self._draft_state()
     out = self(ids, kv_cache=cache, n_heads=1)  # prefill: the trunk and head 0 over the prompt
     seq = torch.cat([ids[0], F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])  # the prompt, then the first sure token
     x, passes, accepted = out.trunk, 1, 0
+    n, tried, acc = self.n_future, [0] * self.n_future, [0] * self.n_future  # modules run, and their running acceptance
     while (left := S + max_new_tokens - seq.numel()) > 0:
-        m = min(self.n_future - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
+        m = min(n - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
         drafts = self._draft_sequential(st, x, seq, m) if m > 0 else seq[:0]
         start = cache.length
         out = self(torch.cat([seq[-1:], drafts])[None], kv_cache=cache, n_heads=1)  # verify: the sure token, then the drafts
@@ -548,6 +549,8 @@ def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int):
         cache.crop(start + 1 + a)
         seq = torch.cat([seq, drafts[:a], pred[a:a + 1]])
         x, passes, accepted = out.trunk[:, :1 + a], passes + 1, accepted + a
+        for k in range(min(a + 1, m)): tried[k] += 1; acc[k] += k < a  # module k+1 was judged: the drafts before it accepted
+        if adapt: n = _choose_heads(n, tried, acc, self._spec_costs())
     return seq[None], dict(forward_passes=passes, accepted_drafts=accepted)
 
 # %% ../nbs/04_model.ipynb #36c2c2cc
@@ -584,7 +587,7 @@ def generate(self: MTPTransformer, input_ids: Tensor, max_new_tokens: int, *, te
     self.eval()
     try:
         if speculative and self.cfg.heads == "sequential":  # the modules draft one after the other, one sequence at a time
-            runs = [self._speculate(row[None], max_new_tokens) for row in input_ids]
+            runs = [self._speculate(row[None], max_new_tokens, adapt_heads) for row in input_ids]
             ids = torch.cat([r[0] for r in runs])
             stats = {k: sum(r[1][k] for r in runs) for k in runs[0][1]}  # passes and drafts over all sequences
         elif speculative:
