@@ -17,7 +17,7 @@ from torch import Tensor
 from fastcore.basics import patch
 
 from .core import did_you_mean
-from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, check_forward_inputs, MTPTransformer, SeqModule
+from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, check_forward_inputs, MTPTransformer, SeqModule, _choose_heads
 from .stack import stack_heads
 
 # %% auto #0
@@ -197,11 +197,11 @@ class HFCache:
         self.n_heads, self.length = n_heads, 0
 
     def crop(self, length: int):
-        "Forget every position from `length` on, in every cache."
+        "Forget every position from `length` on, in every cache (a sliding window recording its past is cut back to the window each time)."
         if not 0 <= length <= self.length: raise ValueError(f"HFCache.crop: length={length} must be in [0, {self.length}]")
-        if length < self.length:
-            for layer in (l for c in self.caches for l in c.layers):  # an extra head's cache fills only its own layers' slots
-                if layer.is_initialized: layer.crop(length - self.length)  # transformers 5 crops by a negative count of tokens
+        for layer in (l for c in self.caches for l in c.layers):  # an extra head's cache fills only its own layers' slots
+            if layer.is_initialized and (length < self.length or getattr(layer, "record_past", False)):
+                layer.crop(length - self.length)  # transformers 5 crops by a negative count of tokens
         self.length = length
 
 # %% ../nbs/04a_hf.ipynb #b9377d9f
@@ -298,53 +298,74 @@ def forward(self: HFMTPModel, input_ids: Tensor, attention_mask: Tensor | None =
     return MTPOutput(stack_heads(outs, dim=2), x, lg)
 
 # %% ../nbs/04a_hf.ipynb #4cfd0fe4
-for _name in ("generate", "_decode", "_head_logits"): setattr(HFMTPModel, _name, getattr(MTPTransformer, _name))
+for _name in ("generate", "_decode", "_head_logits", "_draft_logits", "_speculate_batch"): setattr(HFMTPModel, _name, getattr(MTPTransformer, _name))
+
+# %% ../nbs/04a_hf.ipynb #64203350
+@patch
+def _spec_state(self: HFMTPModel, B: int, max_len: int) -> dict:
+    "The model's cache and (parallel) one per drafting head, all of one length: rows keep the drafts every row accepted."
+    cache = self.new_cache(n_heads=self.n_future if self.cfg.heads == "parallel" else 1)
+    for layer in (l for c in cache.caches for l in c.layers):  # a sliding window keeps its past until the next crop, so drafts can be rolled back
+        if hasattr(layer, "activate_past_recording"): layer.activate_past_recording()
+    return dict(cache=cache, ragged=False)
+
+# %% ../nbs/04a_hf.ipynb #924f0c09
+@patch
+def _spec_pass(self: HFMTPModel, feed: Tensor, st: dict, n: int) -> tuple[Tensor, Tensor | None]:
+    "One cached pass over `feed` [B,T]: head 0's normed hidden [B,T,D], and (parallel) heads 1..n-1's [n-1,B,T,D], their layers fed the same decoder states."
+    cache = st["cache"]
+    hid = self(feed, kv_cache=cache, n_heads=cache.n_heads).hidden
+    return hid[:, :, 0], (hid[:, :, 1:].permute(2, 0, 1, 3) if self.cfg.heads == "parallel" else None)
+
+# %% ../nbs/04a_hf.ipynb #1dbbc5ba
+@patch
+def _spec_crop(self: HFMTPModel, st: dict, rows: Tensor, lo: int, hi: int, n: int):
+    "Crop every cache to the accepted length (one for all rows here); drop the caches of heads no longer run."
+    cache = st["cache"]
+    cache.crop(lo)
+    if cache.n_heads > n: cache.caches, cache.n_heads = cache.caches[:n], n
+
+# %% ../nbs/04a_hf.ipynb #782f5e8f
+@patch
+def _spec_costs(self: HFMTPModel) -> tuple[float, float]:
+    "A pass's cost in decoder-layer units with no drafting head, and what each drafting head adds (its copied layers, or an MLP's D x D matmul)."
+    c = self.cfg
+    return c.n_layer + 1.0, {"parallel": c.n_head_layers, "sequential": c.n_head_layers + 0.5}.get(c.heads, 0.1 * c.n_head_layers)
+
+# %% ../nbs/04a_hf.ipynb #96189763
+_ROLLS_BACK = ("DynamicLayer", "DynamicSlidingWindowLayer", "DummyLayer")  # cache layers that can drop rejected drafts (or hold nothing)
+
+@patch
+def _check_decoding(self: HFMTPModel, speculative: bool, temperature: float):
+    "Refuse, before decoding, a cache wmtp cannot drive, and for speculative decoding one that cannot drop rejected drafts."
+    MTPTransformer._check_decoding(self, speculative, temperature)
+    name, kinds = type(self.lm).__name__, {type(l).__name__ for l in self.new_cache(1).caches[0].layers}
+    if not any(k in ("DynamicLayer", "DynamicSlidingWindowLayer") or k.startswith("LinearAttentionAnd") for k in kinds):
+        raise ValueError(f"{name}'s cache has no attention layer (only {', '.join(sorted(kinds))}), and wmtp's cached decoding reads the "
+                         "sequence length from one: decode with transformers' own generate (model.lm.generate)")
+    if not speculative: return
+    if kinds - set(_ROLLS_BACK):
+        raise ValueError(f"{name} keeps {', '.join(sorted(kinds - set(_ROLLS_BACK)))} cache layers, whose recurrent state cannot drop rejected "
+                         "drafts: speculative decoding is not supported for it; use speculative=False (greedy or sampling)")
+    self._probe_multi_token()
+
+# %% ../nbs/04a_hf.ipynb #4988ea96
+@patch
+def _probe_multi_token(self: HFMTPModel):
+    "Raise a one-line error unless the model's cached forward of several new tokens works (verifying drafts feeds several); checked once."
+    if getattr(self, "_multi_token_ok", False): return
+    ids, cache = torch.arange(4, device=self.unembedding.device)[None] % self.cfg.vocab_size, self.new_cache(1)
+    try: self(ids[:, :2], kv_cache=cache, n_heads=1); self(ids[:, 2:], kv_cache=cache, n_heads=1)
+    except Exception as e:
+        raise ValueError(f"{type(self.lm).__name__}: its own cached forward of several new tokens fails ({type(e).__name__}: {str(e)[:120]}), "
+                         "and speculative decoding verifies several at once; use speculative=False (greedy or sampling)") from e
+    self._multi_token_ok = True
 
 # %% ../nbs/04a_hf.ipynb #1c40e631
 @patch
-def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
-    "Self-speculative greedy decoding of one sequence [1,S] with the extra heads as drafts: identical to greedy head 0."
-    return self._speculate_drafts(ids, max_new_tokens)
-
-# %% ../nbs/04a_hf.ipynb #c2f58937
-class _KVWritten(Exception): "Raised by a head's cache once its last layer has written its keys and values."
-
-@contextmanager
-def _own_slots(head: nn.ModuleList):
-    "A head's copied layers write cache slots 0..n-1 for the duration (their own cache), then their original ones again."
-    saved = []
-    try:
-        for j, layer in enumerate(head):
-            for m in layer.modules():
-                if isinstance(getattr(m, "layer_idx", None), int): saved.append((m, m.layer_idx)); m.layer_idx = j
-        yield
-    finally:
-        for m, idx in saved: m.layer_idx = idx
-
-# %% ../nbs/04a_hf.ipynb #d27774f1
-def _kv_only(head: nn.ModuleList, h: Tensor, cache, args: tuple, kwargs: dict):
-    "Write `head`'s keys and values for the positions of `h` into `cache`: earlier layers run, the last stops once it has written."
-    for layer in head[:-1]: h = _first(layer(h, *args, **kwargs))
-    write = cache.update
-    def write_then_stop(*a, **k): write(*a, **k); raise _KVWritten
-    cache.update = write_then_stop  # this instance only, for this call
-    try: head[-1](h, *args, **kwargs)
-    except _KVWritten: return
-    finally: del cache.update
-    raise RuntimeError(f"{type(head[-1]).__name__} did not write its keys and values to the cache it was given")
-
-# %% ../nbs/04a_hf.ipynb #6b7a48cf
-@patch
-def _draft_parallel(self: HFMTPModel, st: dict, pend: Tensor, n: Tensor, seq: Tensor, m: int) -> Tensor:
-    "Drafts of heads 1..m at the last position of `pend` [1,T,D] (the head layers' input at positions they have not seen); the T-1 before it get only keys and values."
-    drafts, T = [], pend.shape[1]
-    for head, cache in zip(self.heads[:m], st["caches"]):  # a head left out (no budget) is never needed again
-        with _own_slots(head):
-            if T > 1: _kv_only(head, pend[:, :-1], cache, *self._layer_inputs(cache, T - 1))
-            h, (a, kw) = pend[:, -1:], self._layer_inputs(cache, 1)
-            for layer in head: h = _first(layer(h, *a, **kw))
-        drafts.append(F.linear(self._parts[2](h[0, -1]), self.unembedding).argmax(-1))
-    return torch.stack(drafts)
+def _speculate(self: HFMTPModel, ids: Tensor, max_new_tokens: int, adapt: bool = True):
+    "Self-speculative greedy decoding of one sequence [1,S] with sequential modules as drafts: identical to greedy head 0."
+    return self._speculate_drafts(ids, max_new_tokens, adapt)
 
 # %% ../nbs/04a_hf.ipynb #04889d11
 class _Stop(Exception): "Raised by a hook to stop the base model at its first decoder layer."
@@ -363,13 +384,6 @@ def _layer_inputs(self: HFMTPModel, cache, T: int) -> tuple[tuple, dict]:
     else: raise RuntimeError(f"{type(base).__name__} did not call its first decoder layer")
     finally: hook.remove()
     return args[1:], kwargs
-
-# %% ../nbs/04a_hf.ipynb #a5e79e5d
-@patch
-def _draft_mlp(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Tensor, m: int) -> Tensor:
-    "The first m MLP heads at p' only, on head 0's normed state `n[0, -1]`."
-    n = n[0, -1]
-    return F.linear(n + self.heads[0](n, m), self.unembedding).argmax(-1)
 
 # %% ../nbs/04a_hf.ipynb #c73efffe
 @patch
@@ -390,17 +404,18 @@ def _draft_sequential(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Ten
 
 # %% ../nbs/04a_hf.ipynb #7aa11dbe
 @patch
-def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
-    "Every layout drafts at the last accepted position only; the model alone verifies in one cached pass."
+def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int, adapt: bool = True):
+    "Sequential modules draft at the last accepted position only; the model alone verifies in one cached pass."
     W, S, n_extra = self.unembedding, ids.shape[1], self.n_future - 1
     cache = self.new_cache(n_heads=1)
     st = dict(length=S + max_new_tokens, hidden=[None] * n_extra, caches=[_transformers().DynamicCache(config=self.lm.config) for _ in range(n_extra)])
     out = self(ids, kv_cache=cache, n_heads=1)  # prefill: the model over the prompt
     seq = torch.cat([ids[0], F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])  # the prompt, then the first sure token
     x, n, passes, accepted = out.trunk, out.hidden[:, :, 0], 1, 0
+    heads, tried, acc = self.n_future, [0] * self.n_future, [0] * self.n_future  # modules run, and their running acceptance
     while (left := S + max_new_tokens - seq.numel()) > 0:
-        m = min(n_extra, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
-        drafts = getattr(self, f"_draft_{self.cfg.heads}")(st, x, n, seq, m) if m > 0 else seq[:0]
+        m = min(heads - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
+        drafts = self._draft_sequential(st, x, n, seq, m) if m > 0 else seq[:0]
         start = cache.length
         out = self(torch.cat([seq[-1:], drafts])[None], kv_cache=cache, n_heads=1)  # verify: the sure token, then the drafts
         pred = F.linear(out.hidden[0, :, 0], W).argmax(-1)  # head 0's token after each fed one
@@ -408,6 +423,8 @@ def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int):
         cache.crop(start + 1 + a)
         seq = torch.cat([seq, drafts[:a], pred[a:a + 1]])
         x, n, passes, accepted = out.trunk[:, :1 + a], out.hidden[:, :1 + a, 0], passes + 1, accepted + a
+        for k in range(min(a + 1, m)): tried[k] += 1; acc[k] += k < a  # module k+1 was judged: the drafts before it accepted
+        if adapt: heads = _choose_heads(heads, tried, acc, self._spec_costs())
     return seq[None], dict(forward_passes=passes, accepted_drafts=accepted)
 
 # %% ../nbs/04a_hf.ipynb #44a0a8f5

@@ -51,9 +51,11 @@ class MTPConfig:
 
 # %% ../nbs/04_model.ipynb #45523451
 class KVCache:
-    "Preallocated keys and values for each attention layer, with one shared length that can be cropped."
+    "Preallocated keys and values for each attention layer, with one shared length that can be cropped, or one length per row (`rows`)."
     def __init__(self, n_layers: int, max_len: int):
         self.n_layers, self.max_len, self.length = n_layers, max_len, 0
+        self.rows: Tensor | None = None  # [B] lengths of a ragged batch (speculative decoding), `length` then bounds them
+        self._mask = (None, None, None)  # the attention mask of the current pass, made by its first layer
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
 
@@ -65,14 +67,37 @@ class KVCache:
         if self.k[layer] is None:  # allocate lazily, so the cache takes the dtype (autocast) and device of the keys
             self.k[layer] = k.new_zeros(B, nh, self.max_len, hd)
             self.v[layer] = v.new_zeros(B, nh, self.max_len, hd)
-        self.k[layer][:B, :, self.length:end] = k  # fewer rows than allocated: the first B (drafting heads drop out at the end)
-        self.v[layer][:B, :, self.length:end] = v
+        if self.rows is None:
+            self.k[layer][:B, :, self.length:end] = k  # fewer rows than allocated: the first B (drafting heads drop out at the end)
+            self.v[layer][:B, :, self.length:end] = v
+        else:  # row b writes at its own length; what lies past it is stale and masked out by `_attend`
+            at = self.rows[:B, None] + torch.arange(T, device=k.device)
+            b = torch.arange(B, device=k.device)[:, None]
+            self.k[layer][b, :, at] = k.transpose(1, 2)
+            self.v[layer][b, :, at] = v.transpose(1, 2)
         return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
 
     def crop(self, length: int):
         "Forget every position from `length` on."
         if not 0 <= length <= self.length: raise ValueError(f"KVCache.crop: length={length} must be in [0, {self.length}]")
-        self.length = length
+        self.length, self.rows = length, None
+
+    def crop_rows(self, rows: Tensor, lo: int, hi: int):
+        "Keep the first `rows[b]` positions of row b (`lo`, `hi`: the smallest and largest, known on the host); no copy."
+        self.length, self.rows = hi, (None if lo == hi else rows)
+
+# %% ../nbs/04_model.ipynb #18b05338
+def _mask(cache: KVCache | None, B: int, Tq: int, T: int, device) -> Tensor | None:
+    "The mask [Tq,L+T] (ragged rows: [B,1,Tq,L+T]) of queries for the last Tq of T new positions after L cached; None where none is needed. Made once per pass."
+    L, rows = (0, None) if cache is None else (cache.length, cache.rows)
+    if cache is not None and cache._mask[0] == (L, B, Tq, T) and cache._mask[1] is rows: return cache._mask[2]  # another layer of the same pass
+    if rows is not None:  # ragged rows: query i of row b sits at rows[b]+T-Tq+i and sees keys up to there (the rest is stale)
+        at = rows[:B, None] + (T - Tq) + torch.arange(Tq, device=device)
+        mask = (torch.arange(L + T, device=device) <= at[..., None])[:, None]
+    else:  # query i sits at position L+T-Tq+i and may see keys 0..L+T-Tq+i (one query at the end sees everything: no mask)
+        mask = torch.ones(Tq, L + T, dtype=torch.bool, device=device).tril(L + T - Tq) if Tq > 1 else None
+    if cache is not None: cache._mask = ((L, B, Tq, T), rows, mask)
+    return mask
 
 # %% ../nbs/04_model.ipynb #353100dc
 def _attend(q: Tensor, k: Tensor, v: Tensor, n_head: int, cache: KVCache | None, layer: int, dropout: float = 0.0) -> Tensor:
@@ -80,11 +105,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, n_head: int, cache: KVCache | None,
     B, Tq, D = q.shape
     T = k.shape[1]
     q, k, v = (t.view(B, t.shape[1], n_head, D // n_head).transpose(1, 2) for t in (q, k, v))
-    L = 0 if cache is None else cache.length
+    causal = (cache is None or (cache.length == 0 and cache.rows is None)) and Tq == T > 1
+    mask = None if causal else _mask(cache, B, Tq, T, q.device)
     if cache is not None: k, v = cache.update(layer, k, v)
-    causal = L == 0 and Tq == T > 1
-    # query i sits at position L+T-Tq+i and may see keys 0..L+T-Tq+i (one query at the end sees everything: no mask)
-    mask = torch.ones(Tq, L + T, dtype=torch.bool, device=q.device).tril(L + T - Tq) if Tq > 1 and not causal else None
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
     return y.transpose(1, 2).reshape(B, Tq, D)
 
@@ -286,15 +309,20 @@ def num_params(self: MTPTransformer, non_embedding: bool = False) -> int:
     if non_embedding: n -= _count(self.tok_emb) + _count(self.pos_emb) + self.param_counts()["unembedding"]
     return n
 
-# %% ../nbs/04_model.ipynb #795be085
-def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
-    "Next token [B] from logits [B,V]: argmax when temperature is 0, else a sample (top-k, temperature)."
-    if temperature == 0: return logits.argmax(-1)
+# %% ../nbs/04_model.ipynb #dcc69b39
+def _probs(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    "The sampling distribution [...,V] of logits [...,V]: divided by `temperature`, all but the top k masked, softmax (fp32)."
     logits = logits.float() / temperature
     if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
+
+# %% ../nbs/04_model.ipynb #795be085
+def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    "Next token [B] from logits [B,V]: argmax when temperature is 0, else a sample of `_probs`."
+    if temperature == 0: return logits.argmax(-1)
+    return torch.multinomial(_probs(logits, temperature, top_k), 1, generator=generator).squeeze(-1)
 
 # %% ../nbs/04_model.ipynb #6dbd41df
 @patch
@@ -315,60 +343,35 @@ def _decode(self: MTPTransformer, ids, max_new_tokens, temperature, top_k, gener
         x = nxt[:, None] if use_cache else ids
     return ids, dict(forward_passes=max_new_tokens, tokens_generated=max_new_tokens * ids.shape[0], tokens_per_forward=1.0)
 
-# %% ../nbs/04_model.ipynb #2c62386d
-@patch
-def _draft_state(self: MTPTransformer) -> dict:
-    "What the draft heads keep between passes: parallel heads their stacked weights and a KV cache; sequential modules one cache each and each depth's hidden states."
-    c, n = self.cfg, self.n_future - 1
-    if c.heads == "parallel": return dict(cache=KVCache(c.n_head_layers, c.max_seq_len), weights=self._stacked_heads() if n else [])
-    if c.heads == "sequential": return dict(caches=[KVCache(c.n_head_layers, c.max_seq_len) for _ in range(n)], hidden=[None] * n)
-    return {}
-
-# %% ../nbs/04_model.ipynb #9c19e4d3
-@patch
-def _draft(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
-    "`m` draft tokens [m] after the sure token `seq[-1]`; `x` [1,n,D] is the trunk output at the newly accepted positions, the last is p'."
-    return getattr(self, f"_draft_{self.cfg.heads}")(st, x, seq, m)
-
 # %% ../nbs/04_model.ipynb #366ab4c5
 @patch
 def _stacked_heads(self: MTPTransformer) -> list[dict]:
-    "Heads 1..H-1's block weights stacked over heads, layer by layer, transposed for `bmm` (drafting runs the heads as one batch)."
-    D, out = self.cfg.d_model, []
+    "Every parallel head's block weights stacked over heads (head 0 first), layer by layer, transposed for `bmm`: the heads run as one batch."
+    out = []
     for j in range(self.cfg.n_head_layers):
-        blks = [head[j] for head in self.heads[1:]]
+        blks = [head[j] for head in self.heads]
         st = lambda f: torch.stack([f(b) for b in blks])
         out.append(dict(n1=st(lambda b: b.norm1.weight)[:, None], n2=st(lambda b: b.norm2.weight)[:, None], eps=blks[0].norm1.eps,
-                        q=st(lambda b: b.qkv.weight[:D].T), kv=st(lambda b: b.qkv.weight[D:].T), proj=st(lambda b: b.proj.weight.T),
-                        fc=st(lambda b: b.fc.weight.T), out=st(lambda b: b.out.weight.T)))
+                        qkv=st(lambda b: b.qkv.weight.T), proj=st(lambda b: b.proj.weight.T), fc=st(lambda b: b.fc.weight.T), out=st(lambda b: b.out.weight.T)))
     return out
 
 # %% ../nbs/04_model.ipynb #c6b96913
-def _batched_block(w: dict, h: Tensor, cache: KVCache, layer: int, last: bool, n_head: int) -> Tensor:
-    "The blocks of K heads at once on `h` [K,T,D] (eval mode): `Block.forward` with each head's weights on one row of a batch."
-    m, D = h.shape[0], h.shape[-1]
-    w = {k: v[:m] if isinstance(v, Tensor) else v for k, v in w.items()}
-    a = F.rms_norm(h, (D,), eps=w["eps"]) * w["n1"]
-    k, v = torch.bmm(a, w["kv"]).split(D, dim=2)
-    h = h[:, -1:] if last else h
-    h = h + torch.bmm(_attend(torch.bmm(a[:, -h.shape[1]:], w["q"]), k, v, n_head, cache, layer), w["proj"])
-    return h + torch.bmm(F.gelu(torch.bmm(F.rms_norm(h, (D,), eps=w["eps"]) * w["n2"], w["fc"])), w["out"])
+def _heads_block(w: dict, h: Tensor, cache: KVCache, layer: int, n_head: int) -> Tensor:
+    "One block of each of the first n heads at once on `h` [n,B,T,D] (eval mode): `Block.forward` with head k's weights on h[k]."
+    n, B, T, D = h.shape
+    h = h.reshape(n, B * T, D)
+    a = F.rms_norm(h, (D,), eps=w["eps"]) * w["n1"][:n]
+    q, k, v = (t.reshape(n * B, T, D) for t in torch.bmm(a, w["qkv"][:n]).split(D, dim=-1))
+    h = h + torch.bmm(_attend(q, k, v, n_head, cache, layer).reshape(n, B * T, D), w["proj"][:n])
+    h = h + torch.bmm(F.gelu(torch.bmm(F.rms_norm(h, (D,), eps=w["eps"]) * w["n2"][:n], w["fc"][:n])), w["out"][:n])
+    return h.reshape(n, B, T, D)
 
-# %% ../nbs/04_model.ipynb #4afabc08
+# %% ../nbs/04_model.ipynb #2c62386d
 @patch
-def _draft_parallel(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
-    "Heads 1..m as one batch, at p'; before p' their last block writes keys and values only."
-    h, HL = x.expand(m, *x.shape[1:]), self.cfg.n_head_layers  # every head reads the trunk output
-    for j, w in enumerate(st["weights"]): h = _batched_block(w, h, st["cache"], j, j == HL - 1, self.cfg.n_head)
-    st["cache"].length += x.shape[1]
-    return F.linear(self.norm(h[:, -1]), self.unembedding).argmax(-1)
-
-# %% ../nbs/04_model.ipynb #e7e32821
-@patch
-def _draft_mlp(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m: int) -> Tensor:
-    "The first m MLP heads, at p' only."
-    n = self.norm(x[0, -1])
-    return F.linear(n + self.heads[0](n, m), self.unembedding).argmax(-1)
+def _draft_state(self: MTPTransformer) -> dict:
+    "What sequential modules keep between passes: one cache each and each depth's hidden states."
+    n = self.n_future - 1
+    return dict(caches=[KVCache(self.cfg.n_head_layers, self.cfg.max_seq_len) for _ in range(n)], hidden=[None] * n)
 
 # %% ../nbs/04_model.ipynb #b1fd964e
 @patch
@@ -388,18 +391,157 @@ def _draft_sequential(self: MTPTransformer, st: dict, x: Tensor, seq: Tensor, m:
         toks = torch.cat([toks, F.linear(self.norm(h[0, -1]), self.unembedding).argmax(-1, keepdim=True)])
     return toks[seq.numel():]
 
+# %% ../nbs/04_model.ipynb #0b54ed7b
+@patch
+def _spec_state(self: MTPTransformer, B: int, max_len: int) -> dict:
+    "Caches for speculative decoding of B rows: the trunk's, and (parallel) one for all heads' blocks as one batch, rows head-major."
+    c, par = self.cfg, self.cfg.heads == "parallel"
+    return dict(cache=KVCache(c.n_layer, max_len), head_cache=KVCache(c.n_head_layers, max_len) if par else None,
+                weights=self._stacked_heads() if par else None, ragged=True)
+
+# %% ../nbs/04_model.ipynb #2b288ff6
+@patch
+def _spec_pass(self: MTPTransformer, feed: Tensor, st: dict, n: int) -> tuple[Tensor, Tensor | None]:
+    "One cached pass over `feed` [B,T]: head 0's normed hidden [B,T,D], and (parallel) heads 1..n-1's [n-1,B,T,D] from the same trunk states."
+    c, cache, hc = self.cfg, st["cache"], st["head_cache"]
+    B, T = feed.shape
+    pos = torch.arange(T, device=feed.device) + (cache.length if cache.rows is None else cache.rows[:, None])
+    x = self.tok_emb(feed) + self.pos_emb(pos.clamp(max=c.max_seq_len - 1))  # past max_seq_len: only rows whose tokens are thrown away
+    for i, blk in enumerate(self.trunk): x = blk(x, cache, i)
+    cache.length += T
+    if cache.rows is not None: cache.rows = cache.rows + T
+    if c.heads != "parallel": return self.norm(x), None
+    h = x.expand(n, B, T, x.shape[-1])
+    for j, w in enumerate(st["weights"]): h = _heads_block(w, h, hc, j, c.n_head)
+    hc.length += T
+    h = self.norm(h)
+    return h[0], h[1:]
+
+# %% ../nbs/04_model.ipynb #e172623b
+@patch
+def _spec_crop(self: MTPTransformer, st: dict, rows: Tensor, lo: int, hi: int, n: int):
+    "Keep `rows[b]` positions of row b in every cache (the heads' cache holds n heads' rows, head-major)."
+    st["cache"].crop_rows(rows, lo, hi)
+    if st["head_cache"] is not None: st["head_cache"].crop_rows(rows.repeat(n), lo, hi)
+
+# %% ../nbs/04_model.ipynb #712a45b3
+@patch
+def _spec_costs(self: MTPTransformer) -> tuple[float, float]:
+    "A pass's cost in block units with no drafting head, and what each drafting head adds (batched parallel blocks; a sequential module's blocks in a call of their own; MLP heads are a D x D matmul)."
+    c = self.cfg
+    if c.heads == "parallel": return c.n_layer + c.n_head_layers + 1.0, 0.4 * c.n_head_layers
+    return c.n_layer + 1.0, (c.n_head_layers + 0.5 if c.heads == "sequential" else 0.1 * c.n_head_layers)
+
+# %% ../nbs/04_model.ipynb #8a84f547
+@patch
+def _draft_logits(self: MTPTransformer, h0: Tensor, hx: Tensor | None, at: Tensor, m: int) -> Tensor:
+    "Logits [B,m,V] of heads 1..m at position `at[b]` of each row: parallel heads' states `hx` from the pass, or MLP heads on head 0's state `h0`."
+    r = torch.arange(h0.shape[0], device=h0.device)
+    if hx is not None: return F.linear(hx[:m, r, at].transpose(0, 1), self.unembedding)
+    n0 = h0[r, at]
+    return F.linear(n0[:, None] + self.heads[0](n0, m), self.unembedding)
+
+# %% ../nbs/04_model.ipynb #d3e8a81b
+def _accept(p: Tensor, q: Tensor, u: Tensor) -> Tensor:
+    "Speculative sampling's rule: keep a draft drawn from q with probability min(1, p/q) (`u` uniform in [0,1))."
+    return u * q < p
+
+# %% ../nbs/04_model.ipynb #076c4f49
+def _choose_heads(n: int, tried: list, acc: list, costs: tuple[float, float], per_token: float = 0.08) -> int:
+    "Heads worth running (1 + drafting heads, never more than `n`): the most expected tokens per unit of cost, from running acceptance counts."
+    base, head = costs
+    if n == 1 or tried[0] < 8: return n  # too few drafts seen yet to judge
+    best, best_rate, gain, p = 0, 1.0 / base, 1.0, 1.0
+    for k in range(1, n):
+        p *= (acc[k - 1] + 1) / (tried[k - 1] + 2)  # chance that drafts 1..k are all accepted (Laplace's rule per head)
+        gain += p
+        rate = gain / ((base + k * head) * (1 + per_token * k))
+        if rate > best_rate: best, best_rate = k, rate
+    return best + 1
+
+# %% ../nbs/04_model.ipynb #b4ed8f5c
+@patch
+def _speculate_batch(self: MTPTransformer, ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                     generator: torch.Generator | None = None, draft_threshold: float = 0.0, adapt: bool = True):
+    "Self-speculative decoding of a batch [B,S] (parallel or mlp heads): each pass verifies the drafts and drafts anew from the same forward."
+    B, S = ids.shape
+    N, H, dev, V, W = max_new_tokens, self.n_future, ids.device, self.unembedding.shape[0], self.unembedding
+    st, sample, r, long = self._spec_state(B, S + 2 * N + 2 * H), temperature > 0, torch.arange(B, device=dev), dict(device=dev, dtype=torch.long)
+    pick = lambda lg: torch.multinomial(_probs(lg, temperature, top_k), 1, generator=generator)[:, 0] if sample else lg.argmax(-1)
+    h0, hx = self._spec_pass(ids, st, H)  # prefill: every head over the prompt
+    sure, at = pick(F.linear(h0[:, -1], W)), torch.full((B,), S - 1, **long)
+    seq = ids.new_zeros(B, S + N + 2 * H)  # room for a pass past the budget; the last column takes the tokens a row does not keep
+    # (the caches have room for rows that go on past their budget while the others finish)
+    seq[:, :S], seq[:, S] = ids, sure
+    count, passes = torch.full((B,), S + 1, **long), torch.ones(B, **long)  # tokens per row (the last, the sure token, is not cached yet)
+    rows, tried, acc = count - 1, torch.zeros(max(H - 1, 1), **long), torch.zeros(max(H - 1, 1), **long)
+    n, i = H, torch.arange(H, device=dev)  # heads run per pass (head 0 and the drafting ones): fewer once drafts do not pay
+    while True:
+        m = min(n - 1, N - 1)
+        if m > 0:  # drafts at each row's last accepted position, from the pass just made
+            lg = self._draft_logits(h0, hx, at, m)
+            q = _probs(lg, temperature if sample else 1.0, top_k if sample else None)
+            drafts = torch.multinomial(q.view(-1, V), 1, generator=generator).view(B, m) if sample else lg.argmax(-1)
+            confident = (q.amax(-1) >= draft_threshold).long().cumprod(-1).sum(-1)  # a row proposes drafts up to its first unsure head
+        else: drafts, confident = ids.new_zeros(B, 0), torch.zeros(B, **long)
+        active = count < S + N
+        # the pass's one host sync: whether to go on, the next pass's size, the caches' bounds, the heads' running acceptance
+        go, left, conf, lo, hi, *seen = torch.cat([torch.stack([active.any().long(), (S + N - count).masked_fill(~active, 0).max(),
+                                                        confident.masked_fill(~active, 0).max(), rows.min(), rows.max()]), tried, acc]).tolist()
+        n_next = _choose_heads(n, seen[:H - 1], seen[H - 1:], self._spec_costs()) if adapt else n
+        self._spec_crop(st, rows, lo, hi, n_next)  # rejected drafts leave the caches (a length, not a copy)
+        if not go: break
+        if n_next == 1:  # no head drafts any more: head 0 alone, one token a pass, no host sync until the end
+            for _ in range(left):
+                h0, _ = self._spec_pass(sure[:, None], st, 1)
+                active = count < S + N
+                sure = pick(F.linear(h0[:, -1], W))
+                seq[r, torch.where(active, count, seq.shape[1] - 1)] = sure
+                count, passes = count + active, passes + active
+            n = 1
+            break
+        n, m = n_next, min(m, n_next - 1, conf, left - 1)
+        drafts = drafts[:, :m]
+        h0, hx = self._spec_pass(torch.cat([sure[:, None], drafts], 1), st, n)  # verify: the sure token, then the drafts
+        l0 = F.linear(h0, W)  # [B,1+m,V]: head 0 after the sure token and after each draft
+        if sample:
+            p = _probs(l0, temperature, top_k)
+            ok = _accept(p[:, :m].gather(-1, drafts[..., None])[..., 0], q[:, :m].gather(-1, drafts[..., None])[..., 0],
+                         torch.rand(B, m, device=dev, generator=generator))
+        else: pred = l0.argmax(-1); ok = pred[:, :m] == drafts
+        a = ok.long().cumprod(1).sum(1)  # drafts accepted per row: all before the first rejection
+        if sample:  # after a rejection: the residual max(0, p - q); after all m accepted: p itself
+            res = torch.cat([(p[:, :m] - q[:, :m]).clamp(min=0), p[:, m:]], 1)[r, a]
+            final = torch.multinomial(torch.where(res.sum(-1, keepdim=True) > 0, res, p[r, a]), 1, generator=generator)[:, 0]
+        else: final = pred[r, a]
+        # head k had its chance when drafts 1..k-1 were accepted (an unsure head that proposed nothing counts as rejected)
+        judged = (i[1:n] <= a[:, None] + 1) & active[:, None]
+        tried[:n - 1] += judged.sum(0); acc[:n - 1] += (judged & (i[1:n] <= a[:, None])).sum(0)
+        if not st["ragged"] and m:  # one cache length for all rows: each keeps the drafts every row accepted (still exact), then its next token
+            a_all = a.min()
+            final, a = torch.where(a > a_all, drafts[:, a_all.clamp(max=m - 1)], final), a_all.expand(B)
+        emit = torch.where(active, a + 1, 0)  # tokens a row gains: its accepted drafts and the next sure token
+        new = torch.where(i[:m + 1] < a[:, None], F.pad(drafts, (0, 1)), final[:, None])
+        seq.scatter_(1, torch.where(i[:m + 1] < emit[:, None], count[:, None] + i[:m + 1], seq.shape[1] - 1), new)
+        rows, count, passes = count - 1 + emit, count + emit, passes + active
+        sure, at = torch.where(active, final, sure), a
+    accepted = (count.clamp(max=S + N) - S - passes).clamp(min=0)
+    return seq[:, :S + N], dict(forward_passes=int(passes.sum()), accepted_drafts=int(accepted.sum()),
+                                drafted_per_head=tried[:H - 1].tolist(), accepted_per_head=acc[:H - 1].tolist(), heads_run=n)
+
 # %% ../nbs/04_model.ipynb #8858aec2
 @patch
-def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int):
-    "Self-speculative greedy decoding of one sequence [1,S]: heads 1..H-1 draft at the last accepted position, head 0 verifies."
+def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int, adapt: bool = True):
+    "Self-speculative greedy decoding of one sequence [1,S] with sequential modules: they draft at the last accepted position, head 0 verifies."
     W, S = self.unembedding, ids.shape[1]
     cache, st = self.new_cache(n_heads=1), self._draft_state()
     out = self(ids, kv_cache=cache, n_heads=1)  # prefill: the trunk and head 0 over the prompt
     seq = torch.cat([ids[0], F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])  # the prompt, then the first sure token
     x, passes, accepted = out.trunk, 1, 0
+    n, tried, acc = self.n_future, [0] * self.n_future, [0] * self.n_future  # modules run, and their running acceptance
     while (left := S + max_new_tokens - seq.numel()) > 0:
-        m = min(self.n_future - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
-        drafts = self._draft(st, x, seq, m) if m > 0 else seq[:0]
+        m = min(n - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
+        drafts = self._draft_sequential(st, x, seq, m) if m > 0 else seq[:0]
         start = cache.length
         out = self(torch.cat([seq[-1:], drafts])[None], kv_cache=cache, n_heads=1)  # verify: the sure token, then the drafts
         pred = F.linear(out.hidden[0, :, 0], W).argmax(-1)  # head 0's token after each fed one
@@ -407,15 +549,28 @@ def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int):
         cache.crop(start + 1 + a)
         seq = torch.cat([seq, drafts[:a], pred[a:a + 1]])
         x, passes, accepted = out.trunk[:, :1 + a], passes + 1, accepted + a
+        for k in range(min(a + 1, m)): tried[k] += 1; acc[k] += k < a  # module k+1 was judged: the drafts before it accepted
+        if adapt: n = _choose_heads(n, tried, acc, self._spec_costs())
     return seq[None], dict(forward_passes=passes, accepted_drafts=accepted)
+
+# %% ../nbs/04_model.ipynb #36c2c2cc
+@patch
+def _check_decoding(self: MTPTransformer, speculative: bool, temperature: float):
+    "Refuse, before decoding, what this model cannot decode."
+    if speculative and temperature != 0 and self.cfg.heads == "sequential":
+        raise ValueError("speculative sampling needs parallel or mlp heads (sequential modules draft greedily, one after the other): "
+                         "use temperature=0, or speculative=False to sample")
 
 # %% ../nbs/04_model.ipynb #8a55c24f
 @patch
 @torch.no_grad()
 def generate(self: MTPTransformer, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, speculative: bool = False, return_stats: bool = False,
-             generator: torch.Generator | None = None, use_cache: bool = True):
-    "Append `max_new_tokens` tokens to `input_ids` [B,S]: greedy, sampled, or self-speculative; ids [B,S+new] (, stats)."
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             draft_threshold: float = 0.0, # speculative: a head drafts only while its top probability is at least this
+             adapt_heads: bool = True, # speculative: stop running heads whose running acceptance does not pay for them
+            ):
+    "Append `max_new_tokens` tokens to `input_ids` [B,S]: greedy, sampled, or self-speculative (greedy or sampled); ids [B,S+new] (, stats)."
     self._check_inputs(input_ids, None, None, 1)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1: raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if input_ids.shape[1] == 0: raise ValueError("input_ids must hold at least one token per sequence (a prompt of length 0)")
@@ -425,16 +580,19 @@ def generate(self: MTPTransformer, input_ids: Tensor, max_new_tokens: int, *, te
         raise ValueError(f"input_ids must lie in [0, vocab_size={self.cfg.vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
     if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1: raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if speculative and temperature != 0: raise ValueError("speculative decoding is greedy only: use temperature=0")
+    if not 0 <= draft_threshold <= 1: raise ValueError(f"draft_threshold must be in [0, 1], got {draft_threshold!r}")
     if speculative and not use_cache: raise ValueError("speculative decoding needs the KV cache: use_cache=True")
+    self._check_decoding(speculative, temperature)
     was_training = self.training
     self.eval()
     try:
-        if speculative:
-            runs = [self._speculate(row[None], max_new_tokens) for row in input_ids]
+        if speculative and self.cfg.heads == "sequential":  # the modules draft one after the other, one sequence at a time
+            runs = [self._speculate(row[None], max_new_tokens, adapt_heads) for row in input_ids]
             ids = torch.cat([r[0] for r in runs])
             stats = {k: sum(r[1][k] for r in runs) for k in runs[0][1]}  # passes and drafts over all sequences
-            stats.update(tokens_generated=max_new_tokens * len(runs), tokens_per_forward=max_new_tokens * len(runs) / stats["forward_passes"])
+        elif speculative:
+            ids, stats = self._speculate_batch(input_ids, max_new_tokens, temperature, top_k, generator, draft_threshold, adapt_heads)
         else: ids, stats = self._decode(input_ids, max_new_tokens, temperature, top_k, generator, use_cache)
+        if speculative: stats.update(tokens_generated=max_new_tokens * len(ids), tokens_per_forward=max_new_tokens * len(ids) / stats["forward_passes"])
     finally: self.train(was_training)
     return (ids, stats) if return_stats else ids
