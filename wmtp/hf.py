@@ -399,7 +399,8 @@ def _draft_sequential(self: HFMTPModel, st: dict, x: Tensor, n: Tensor, seq: Ten
         h = self.heads[k - 1](hid[k - 1][:, c:p + 1], emb(toks[c + k:p + k + 1])[None], *self._layer_inputs(cache, p + 1 - c))
         for l in (l for l in cache.layers if k > 1 and l.is_initialized): l.crop(-min(k - 1, p + 1))  # keep positions whose token t+k is sure: up to p+1-k
         if k < m: hid[k][:, c:p + 1] = h
-        toks = torch.cat([toks, F.linear(norm(h[0, -1]), self.unembedding).argmax(-1, keepdim=True)])
+        out = h[0, -1] if getattr(self.heads[k - 1], "normed_output", False) else norm(h[0, -1])  # a released module norms its own output
+        toks = torch.cat([toks, F.linear(out, self.unembedding).argmax(-1, keepdim=True)])
     return toks[seq.numel():]
 
 # %% ../nbs/04a_hf.ipynb #7aa11dbe
