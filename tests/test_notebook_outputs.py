@@ -75,9 +75,10 @@ def test_silent_chapter():
     assert check.output_problems("nb", only_exports, strict=True) == []
 
 
-def test_pending_notebooks_report_but_pass_until_strict(tmp_path, capsys):
+def test_pending_notebooks_report_but_pass_until_strict(tmp_path, capsys, monkeypatch):
     nb = _nb(("markdown", "# A one-line heading"), ("code", "#| cuda\nx = 1"), ("code", "x"))
-    name = sorted(check.PENDING)[0]
+    monkeypatch.setattr(check, "PENDING", {"13_bench.ipynb"})  # a notebook someone is changing now (empty on main)
+    name = "13_bench.ipynb"
     p = _write(tmp_path / name, nb)
     assert check.notebook_problems(p) == []
     assert capsys.readouterr().out.count("pending:") == 3

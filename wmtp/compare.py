@@ -414,7 +414,7 @@ def report_markdown(res: dict, command: str | None = None) -> str:
     L = ["# wmtp compare", ""]
     if command: L += ["```sh", command, "```", ""]
     L += [f"{'A smoke-scale run (`--quick`): these numbers only show that the pipeline works. ' if res['quick'] else ''}"
-          f"Seeds {', '.join(map(str, res['seeds']))} (mean ± sample std over seeds). Every row: built-in tasks ({da['n_tasks']} tasks, "
+          f"Seeds {', '.join(map(str, sorted({r['seed'] for r in res['rows']})))} (mean ± sample std over seeds). Every row: built-in tasks ({da['n_tasks']} tasks, "
           f"each a reference and two mutants labelled by their tests), model d_model {mo['d_model']}, {mo['n_layer']} layers, "
           f"{mo['n_future']} heads (ntp: 1), seq_len {da['seq_len']}, batch {da['batch_size']}, {op['max_steps']} steps at lr {op['lr']:g}. "
           f"Evaluation: {ev['tasks']} held-out tasks that no run trained on (greedy pass@1, and {ev['n_samples']} samples at T=0.8 "
