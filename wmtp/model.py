@@ -87,16 +87,18 @@ class KVCache:
         self.length, self.rows = hi, (None if lo == hi else rows)
 
 # %% ../nbs/04_model.ipynb #18b05338
-def _mask(cache: KVCache | None, B: int, Tq: int, T: int, device) -> Tensor | None:
-    "The mask [Tq,L+T] (ragged rows: [B,1,Tq,L+T]) of queries for the last Tq of T new positions after L cached; None where none is needed. Made once per pass."
+def _mask(cache: KVCache | None, B: int, Tq: int, T: int, device, dtype=torch.float32) -> Tensor | None:
+    "The additive mask [Tq,L+T] (ragged rows: [B,1,Tq,L+T]) of queries for the last Tq of T new positions after L cached; None where none is needed. Made once per pass."
     L, rows = (0, None) if cache is None else (cache.length, cache.rows)
-    if cache is not None and cache._mask[0] == (L, B, Tq, T) and cache._mask[1] is rows: return cache._mask[2]  # another layer of the same pass
+    if cache is not None and cache._mask[0] == (L, B, Tq, T, dtype) and cache._mask[1] is rows: return cache._mask[2]  # another layer of the same pass
     if rows is not None:  # ragged rows: query i of row b sits at rows[b]+T-Tq+i and sees keys up to there (the rest is stale)
         at = rows[:B, None] + (T - Tq) + torch.arange(Tq, device=device)
-        mask = (torch.arange(L + T, device=device) <= at[..., None])[:, None]
+        seen = (torch.arange(L + T, device=device) <= at[..., None])[:, None]
     else:  # query i sits at position L+T-Tq+i and may see keys 0..L+T-Tq+i (one query at the end sees everything: no mask)
-        mask = torch.ones(Tq, L + T, dtype=torch.bool, device=device).tril(L + T - Tq) if Tq > 1 else None
-    if cache is not None: cache._mask = ((L, B, Tq, T), rows, mask)
+        seen = torch.ones(Tq, L + T, dtype=torch.bool, device=device).tril(L + T - Tq) if Tq > 1 else None
+    # additive, in the queries' dtype: attention would otherwise convert a boolean mask again in every layer
+    mask = None if seen is None else torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
+    if cache is not None: cache._mask = ((L, B, Tq, T, dtype), rows, mask)
     return mask
 
 # %% ../nbs/04_model.ipynb #353100dc
@@ -106,7 +108,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, n_head: int, cache: KVCache | None,
     T = k.shape[1]
     q, k, v = (t.view(B, t.shape[1], n_head, D // n_head).transpose(1, 2) for t in (q, k, v))
     causal = (cache is None or (cache.length == 0 and cache.rows is None)) and Tq == T > 1
-    mask = None if causal else _mask(cache, B, Tq, T, q.device)
+    mask = None if causal else _mask(cache, B, Tq, T, q.device, q.dtype)
     if cache is not None: k, v = cache.update(layer, k, v)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
     return y.transpose(1, 2).reshape(B, Tq, D)
@@ -480,9 +482,11 @@ def _speculate_batch(self: MTPTransformer, ids: Tensor, max_new_tokens: int, tem
         m = min(n - 1, N - 1)
         if m > 0:  # drafts at each row's last accepted position, from the pass just made
             lg = self._draft_logits(h0, hx, at, m)
-            q = _probs(lg, temperature if sample else 1.0, top_k if sample else None)
-            drafts = torch.multinomial(q.view(-1, V), 1, generator=generator).view(B, m) if sample else lg.argmax(-1)
-            confident = (q.amax(-1) >= draft_threshold).long().cumprod(-1).sum(-1)  # a row proposes drafts up to its first unsure head
+            if sample or draft_threshold > 0:
+                q = _probs(lg, temperature if sample else 1.0, top_k if sample else None)
+                drafts = torch.multinomial(q.view(-1, V), 1, generator=generator).view(B, m) if sample else lg.argmax(-1)
+                confident = (q.amax(-1) >= draft_threshold).long().cumprod(-1).sum(-1)  # a row proposes drafts up to its first unsure head
+            else: drafts, confident = lg.argmax(-1), torch.full((B,), m, **long)  # greedy, no threshold: no probabilities needed
         else: drafts, confident = ids.new_zeros(B, 0), torch.zeros(B, **long)
         active = count < S + N
         # the pass's one host sync: whether to go on, the next pass's size, the caches' bounds, the heads' running acceptance
