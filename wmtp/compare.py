@@ -225,6 +225,13 @@ def _run_all(jobs: list[dict], ctx: dict, n_jobs: int, log) -> list[dict]:
                 if results[j["dir"]] is not None: note(j, results[j["dir"]], time.time())
     return [results[j["dir"]] for j in jobs if results[j["dir"]] is not None]
 
+# %% ../nbs/13a_compare.ipynb #34de2e29
+def _finished_elsewhere(out: Path, jobs: list[dict]) -> list[dict]:
+    "Results of finished jobs in `out` that `jobs` does not plan (other seeds, rows or shares of the same setting)."
+    planned = {str(Path(j["dir"]) / "result.json") for j in jobs}
+    found = sorted((p for p in out.glob("runs/seed*/*/result.json") if str(p) not in planned), key=lambda p: (len(str(p.parent.parent)), str(p)))
+    return [r for r in (json.loads(p.read_text()) for p in found) if r.get("row") in ROWS]
+
 # %% ../nbs/13a_compare.ipynb #234f603c
 def run_compare(out, seeds=(0, 1, 2), rows=tuple(ROWS), fracs=(None, 0.3), overrides=(), quick: bool = False,
                 config: Config | None = None, eval_tasks: int = 128, n_samples: int = 10, n_jobs: int = 1, log=print,
@@ -249,6 +256,11 @@ def run_compare(out, seeds=(0, 1, 2), rows=tuple(ROWS), fracs=(None, 0.3), overr
     if report_only and not done: raise ConfigError(f"--report-only: no finished job in {out}")
     t0 = time.time()
     results = _run_all(jobs, ctx, 1 if report_only else n_jobs, log)  # reading results back needs no processes
+    extra = _finished_elsewhere(out, jobs)
+    if extra:
+        names = ", ".join(f"seed {r['seed']} {_label(r['row'], r['frac'])}" for r in extra)
+        log(f"wmtp compare: the report also covers {len(extra)} finished job(s) in {out} outside these arguments ({names})")
+    results += extra
     _, r = setting("baseline", config, overrides, quick)
     _, rc = setting("critic", config, overrides, quick)
     records, problems = eval_set(eval_tasks)
@@ -375,17 +387,17 @@ def _table(res: dict, sm: dict, pdiff: dict) -> list[str]:
         labels = [l for l, m in sm.items() if m["frac"] == f or (m["row"] == "oracle" and f is None)]
         if not labels: continue
         L += [f"### {_frac_name(f, sm).capitalize()}", "",
-              "| row | pass@1 greedy | pass@1 sampled | pass@5 sampled | CE constants (head 0) | CE completion (head 0) | CE all (head 0) | epochs of each correct program |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| row | seeds | pass@1 greedy | pass@1 sampled | pass@5 sampled | CE constants (head 0) | CE completion (head 0) | CE all (head 0) | epochs of each correct program |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for l in labels:
             m = sm[l]
-            L.append(f"| {l} | {_f(m['pass_at_1'])} | {_f(m['sampled_pass_at_1'])} | {_f(m['sampled_pass_at_5'])} | {_f(m['ce_constants'])} "
+            L.append(f"| {l} | {len(m['seeds'])} | {_f(m['pass_at_1'])} | {_f(m['sampled_pass_at_1'])} | {_f(m['sampled_pass_at_5'])} | {_f(m['ce_constants'])} "
                      f"| {_f(m['ce_completion'], '.4f')} | {_f(m['ce_all_h0'], '.4f')} | {_f(m['epochs'], '.1f')} |")
         L.append("")
     L += ["### Paired differences to the baseline (same seed, same task; 95% bootstrap interval over seeds and tasks)", "",
-          "| row | Δ pass@1 greedy | Δ pass@5 sampled | Δ CE constants (mean ± std over seeds) |", "|---|---|---|---|"]
+          "| row | seeds | Δ pass@1 greedy | Δ pass@5 sampled | Δ CE constants (mean ± std over seeds) |", "|---|---|---|---|---|"]
     for l, d in pdiff.items():
-        L.append(f"| {l} | {_ci(d['pass_at_1'])} | {_ci(d.get('sampled_pass_at_5'))} | {_f(d['ce_constants'], '+.3f')} |")
+        L.append(f"| {l} | {len(d['seeds'])} | {_ci(d['pass_at_1'])} | {_ci(d.get('sampled_pass_at_5'))} | {_f(d['ce_constants'], '+.3f')} |")
     return L
 
 # %% ../nbs/13a_compare.ipynb #2f06ddda
@@ -414,7 +426,7 @@ def report_markdown(res: dict, command: str | None = None) -> str:
     L = ["# wmtp compare", ""]
     if command: L += ["```sh", command, "```", ""]
     L += [f"{'A smoke-scale run (`--quick`): these numbers only show that the pipeline works. ' if res['quick'] else ''}"
-          f"Seeds {', '.join(map(str, sorted({r['seed'] for r in res['rows']})))} (mean ± sample std over seeds). Every row: built-in tasks ({da['n_tasks']} tasks, "
+          f"Seeds {', '.join(map(str, sorted({r['seed'] for r in res['rows']})))} (mean ± sample std over the seeds a row ran: its `seeds` column). Every row: built-in tasks ({da['n_tasks']} tasks, "
           f"each a reference and two mutants labelled by their tests), model d_model {mo['d_model']}, {mo['n_layer']} layers, "
           f"{mo['n_future']} heads (ntp: 1), seq_len {da['seq_len']}, batch {da['batch_size']}, {op['max_steps']} steps at lr {op['lr']:g}. "
           f"Evaluation: {ev['tasks']} held-out tasks that no run trained on (greedy pass@1, and {ev['n_samples']} samples at T=0.8 "
