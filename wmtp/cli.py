@@ -13,7 +13,7 @@ __all__ = ['COMMANDS', 'main']
 COMMANDS = {  # name: (module, function, one-line help)
     "train": ("wmtp.train", "train_main", "train a model from a config and a recipe (the main job)"),
     "eval": ("wmtp.evaluate", "eval_main", "evaluate a run directory or checkpoint: per-head loss, speculative decoding, pass@k"),
-    "bench": ("wmtp.bench", "bench_main", "benchmark loss paths, backends, compile, heads and decoding side by side"),
+    "bench": ("wmtp.bench_report", "bench_main", "benchmark loss paths, backends, compile, heads and decoding side by side"),
     "compare": ("wmtp.compare", "compare_main", "train the four algorithms on the same data over several seeds; mean ± std report"),
     "export": ("wmtp.run", "export_main", "write a pretrained run's model as a Hugging Face folder that keeps its heads (RUN_DIR/hf), or mlp heads for vLLM's Medusa"),
 }
