@@ -22,9 +22,10 @@ from .recipes import Recipe
 from .train import MTPLossFn
 
 # %% auto #0
-__all__ = ['BENCH_SIZES', 'MPS_BENCH_LOGITS', 'WEIGHTER_ROWS', 'median_time', 'side_by_side', 'bench_loss', 'make_train_step',
-           'bench_backends', 'kernel_share', 'bench_compile', 'bench_compile_layouts', 'work_bound', 'bench_heads',
-           'bench_weighters', 'bench_decoding', 'bench_real_code', 'real_code_table', 'bench_pretrained']
+__all__ = ['BENCH_SIZES', 'MPS_BENCH_LOGITS', 'WEIGHTER_ROWS', 'H_VERIFY', 'median_time', 'side_by_side', 'bench_loss',
+           'make_train_step', 'bench_backends', 'kernel_share', 'bench_compile', 'bench_compile_layouts', 'work_bound',
+           'bench_heads', 'bench_weighters', 'verify_cost', 'bench_decoding', 'bench_real_code', 'real_code_table',
+           'bench_pretrained']
 
 # %% ../nbs/13_bench.ipynb #d5c519e4
 def median_time(fn: Callable[[], object], # the work to time (called warmup + repeats times)
@@ -294,7 +295,28 @@ def _train_repetitive(device: str, d: dict, heads: str = "parallel", seed: int =
         if step % 20 == 0 and loss.item() < d["target_loss"]: break  # a host sync: only every 20 steps
     return model.eval(), x, loss.item(), step
 
+# %% ../nbs/13_bench.ipynb #a6e15280
+@torch.no_grad()
+def verify_cost(model, prompt: torch.Tensor, # the model to decode (native or `wmtp.hf`), a prompt [1,S] of at least `n_tokens` tokens
+                n_tokens: int = 4, repeats: int = 20, sync: Callable[[], None] = lambda: None, cpu: bool = True) -> float:
+    "Time of a cached head-0 forward over `n_tokens` new tokens after `prompt`, over that of one new token (CPU time, or wall time with `cpu=False`)."
+    if prompt.shape[1] < n_tokens: raise ValueError(f"verify_cost: the prompt has {prompt.shape[1]} tokens, fewer than n_tokens={n_tokens}")
+    was = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(n_heads=1)
+        model(prompt, kv_cache=cache, n_heads=1)
+        L = cache.length
+        def fwd(T):  # the same new tokens each time, then the cache goes back to the prompt
+            model(prompt[:, :T], kv_cache=cache, n_heads=1); cache.crop(L)
+        wall, cpu_t = side_by_side([lambda: fwd(1), lambda: fwd(n_tokens)], sync, repeats)
+    finally: model.train(was)
+    t = cpu_t if cpu else wall
+    return t[1] / t[0]
+
 # %% ../nbs/13_bench.ipynb #17bb6a89
+H_VERIFY = 4  # tokens a verifying pass feeds with H=4: the sure token and three drafts
+
 def bench_decoding(device: str, sizes: dict) -> list[dict]:
     "Greedy against self-speculative decoding for each head layout, on a model trained until drafts are accepted and on an untrained one; tokens per forward, identical output."
     d, rows = sizes["decode"], []
@@ -313,6 +335,7 @@ def bench_decoding(device: str, sizes: dict) -> list[dict]:
         rows.append(dict(device=device, heads=heads, model=f"d_model {d['d_model']}, {d['n_layer']}-block trunk, H=4 {heads}", train_steps=steps,
                          final_train_loss=loss, new_tokens=N, greedy_tok_s=N / tg, speculative_tok_s=N / ts, speedup=tg / ts, cpu_speedup=cg / cs,
                          identical=torch.equal(greedy, spec) and torch.equal(fresh.generate(prompt, N), fresh_spec), tokens_per_forward=st["tokens_per_forward"],
+                         verify_cost=verify_cost(model, prompt, H_VERIFY, d["repeats"], sync, cpu=device == "cpu"),
                          untrained_cpu_speedup=cfg_ / cfs, untrained_tokens_per_forward=fst["tokens_per_forward"],
                          recalled=float((greedy == x).float().mean()), sample=ByteTokenizer().decode(spec[0, P:].tolist())))
     return rows
@@ -360,6 +383,7 @@ def bench_real_code(sizes: dict) -> list[dict]:
         ref = [model.generate(p, N) for p in prompts]
         stats = {"wmtp speculative": {}, "wmtp speculative, every head drafting": every}
         stats = {k: [model.generate(p, N, speculative=True, return_stats=True, **kw)[1] for p in prompts] for k, kw in stats.items()}
+        vc = verify_cost(model, prompts[0], H_VERIFY, 20)  # what a verifying pass costs in one-token forwards, on this model
         _, cpu = side_by_side([lambda f=f: [f(p) for p in prompts] for f in methods.values()], repeats=d["repeats"])
         for (name, f), c in zip(methods.items(), cpu):
             st = stats.get(name)
@@ -369,15 +393,16 @@ def bench_real_code(sizes: dict) -> list[dict]:
                              x_transformers_greedy=cpu[0] / c, x_wmtp_greedy=cpu[2] / c,
                              tokens_per_forward=(N * len(prompts) / sum(s["forward_passes"] for s in st)) if st else (1.0 if "greedy" in name else None),
                              acceptance=[sum(s["accepted_per_head"][k] for s in st) / max(drafted[k], 1) for k in range(3)] if st else None,
-                             identical=all(torch.equal(f(p), r) for p, r in zip(prompts, ref))))
+                             identical=all(torch.equal(f(p), r) for p, r in zip(prompts, ref)), verify_cost=vc if st else None))
     return rows
 
 # %% ../nbs/13_bench.ipynb #24422d64
 def real_code_table(rows: list[dict]) -> list[str]:
     "The real-code decoding rows as a markdown table."
-    return _table(["model", "method", "ms/token", "x transformers greedy", "x wmtp greedy", "tokens per forward", "accepted per head", "identical"],
+    return _table(["model", "method", "ms/token", "x transformers greedy", "x wmtp greedy", "tokens per forward", "cap: tokens per forward / verify cost", "accepted per head", "identical"],
                   [[r["model"], r["method"], _f(r["ms_per_token"], ".2f"), _f(r["x_transformers_greedy"], ".2f"), _f(r["x_wmtp_greedy"], ".2f"),
-                    _f(r["tokens_per_forward"], ".2f"), "-" if r["acceptance"] is None else " / ".join(f"{a:.2f}" for a in r["acceptance"]),
+                    _f(r["tokens_per_forward"], ".2f"),
+                    "-" if not r.get("verify_cost") else f"{r['tokens_per_forward'] / r['verify_cost']:.2f}x", "-" if r["acceptance"] is None else " / ".join(f"{a:.2f}" for a in r["acceptance"]),
                     "yes" if r["identical"] else "**no**"] for r in rows])
 
 # %% ../nbs/13_bench.ipynb #6821729b

@@ -16,7 +16,7 @@ from .bench import (BENCH_SIZES, _f, _load, _say, _table, bench_backends, bench_
 from .policy import Capabilities
 
 # %% auto #0
-__all__ = ['targets', 'report_markdown', 'plot_report', 'run_bench', 'bench_main']
+__all__ = ['SECTIONS', 'targets', 'report_markdown', 'plot_report', 'run_bench', 'bench_main']
 
 # %% ../nbs/13b_bench_report.ipynb #6e40c87d
 def _row(name: str, measured: str, goal: str, met: bool | None) -> dict:
@@ -26,6 +26,12 @@ def _row(name: str, measured: str, goal: str, met: bool | None) -> dict:
 def _judged(r: dict, wall: str, cpu: str) -> float | None:
     "The ratio a target reads: on the CPU device the CPU-time one (a shared machine's load inflates wall time unevenly), elsewhere the wall-time one."
     return r[cpu] if r["device"] == "cpu" and r.get(cpu) is not None else r[wall]
+
+# %% ../nbs/13b_bench_report.ipynb #fbd7e0ad
+def _cap(r: dict) -> str:
+    "The speed-up's cap from what a verifying pass costs (`verify_cost`), as text for a target's measured value; empty when not measured."
+    vc = r.get("verify_cost")
+    return "" if not vc else f"; a 4-token forward costs {vc:.2f} one-token forwards, which caps it at {r['tokens_per_forward'] / vc:.2f}x"
 
 # %% ../nbs/13b_bench_report.ipynb #b86e6644
 def targets(res: dict) -> list[dict]:
@@ -55,7 +61,7 @@ def targets(res: dict) -> list[dict]:
     for d in res.get("decoding", []):
         sp, tpf = _judged(d, "speedup", "cpu_speedup"), d["tokens_per_forward"]
         out.append(_row(f"self-speculative vs greedy tokens/s ({d['device']}, {d['heads']} heads)",
-                        f"{sp:.2f}x at {tpf:.2f} tokens per forward ({sp / tpf:.2f} of it), identical: {'yes' if d['identical'] else 'no'}",
+                        f"{sp:.2f}x at {tpf:.2f} tokens per forward ({sp / tpf:.2f} of it{_cap(d)}), identical: {'yes' if d['identical'] else 'no'}",
                         ">= 0.8 x tokens per forward, identical", sp >= 0.8 * tpf and d["identical"]))
         if d.get("untrained_cpu_speedup") is not None:
             out.append(_row(f"self-speculative vs greedy, untrained ({d['device']}, {d['heads']} layout)", f"{d['untrained_cpu_speedup']:.2f}x (CPU time)",
@@ -69,7 +75,7 @@ def targets(res: dict) -> list[dict]:
         out.append(_row(f"real code: wmtp speculative vs transformers greedy (cpu, {r['heads']} layout)",
                         f"{x:.2f}x, identical: {'yes' if r['identical'] else 'no'}", ">= 1.00x, identical", x >= 1.0 and r["identical"]))
         out.append(_row(f"real code: wmtp speculative vs wmtp greedy (cpu, {r['heads']} layout)",
-                        f"{w:.2f}x at {tpf:.2f} tokens per forward ({w / tpf:.2f} of it)", ">= 0.85 x tokens per forward", w >= 0.85 * tpf))
+                        f"{w:.2f}x at {tpf:.2f} tokens per forward ({w / tpf:.2f} of it{_cap(r)})", ">= 0.85 x tokens per forward", w >= 0.85 * tpf))
     return out
 
 # %% ../nbs/13b_bench_report.ipynb #73448572
@@ -120,11 +126,16 @@ def report_markdown(res: dict) -> str:
 
 # %% ../nbs/13b_bench_report.ipynb #be0876e7
 def plot_report(res: dict, out_dir: Path) -> list[Path]:
-    "Write loss_paths.png (time and extra peak memory per path) and decoding.png (tokens/s); return their paths."
+    "Write loss_paths.png (time and extra peak memory per path) and decoding.png (tokens/s), each when its section has rows; return their paths."
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    rows = [r for r in res["loss_paths"] if r["time_s"] is not None]
+    rows, files = [r for r in res["loss_paths"] if r["time_s"] is not None], []
+    if rows: files.append(_plot_loss_paths(rows, out_dir / "loss_paths.png", plt))
+    if res["decoding"]: files.append(_plot_decoding(res["decoding"], out_dir / "decoding.png", plt))
+    return files
+
+def _plot_loss_paths(rows: list[dict], path: Path, plt) -> Path:
     groups = list(dict.fromkeys((r["device"], r["V"]) for r in rows))
     paths = list(dict.fromkeys(r["path"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -137,16 +148,17 @@ def plot_report(res: dict, out_dir: Path) -> list[Path]:
         ax.set_ylabel(label)
     axes[0].set_yscale("log")  # torch's linear_cross_entropy on CPU can take 10x the others
     axes[0].legend(fontsize=8)
-    fig.suptitle("loss paths"); fig.tight_layout()
-    files = [out_dir / "loss_paths.png", out_dir / "decoding.png"]
-    fig.savefig(files[0], dpi=80); plt.close(fig)
+    fig.suptitle("loss paths"); fig.tight_layout(); fig.savefig(path, dpi=80); plt.close(fig)
+    return path
+
+def _plot_decoding(rows: list[dict], path: Path, plt) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    devs = [f"{d['device']} {d['heads']}" for d in res["decoding"]]
+    devs = [f"{d['device']} {d['heads']}" for d in rows]
     for i, (key, label) in enumerate((("greedy_tok_s", "greedy"), ("speculative_tok_s", "self-speculative"))):
-        ax.bar([j + i * 0.4 for j in range(len(devs))], [d[key] for d in res["decoding"]], 0.4, label=label)
+        ax.bar([j + i * 0.4 for j in range(len(devs))], [d[key] for d in rows], 0.4, label=label)
     ax.set_xticks([j + 0.2 for j in range(len(devs))], devs); ax.set_ylabel("generated tokens / s"); ax.legend(fontsize=8)
-    ax.set_title("decoding"); fig.tight_layout(); fig.savefig(files[1], dpi=80); plt.close(fig)
-    return files
+    ax.set_title("decoding"); fig.tight_layout(); fig.savefig(path, dpi=80); plt.close(fig)
+    return path
 
 # %% ../nbs/13b_bench_report.ipynb #9dcd03e7
 def _describe_step(sizes: dict) -> str:
@@ -163,21 +175,27 @@ def _devices(choice: str, caps: Capabilities) -> list[str]:
     return [choice]
 
 # %% ../nbs/13b_bench_report.ipynb #f485a4bd
-def run_bench(out_dir, quick: bool = False, device: str = "all", threads: int | None = None, caps: Capabilities | None = None) -> dict:
-    "Run every benchmark section, write bench.json, bench.md and the PNG plots into `out_dir`; return the results."
-    if threads is None: return _run_bench(out_dir, quick, device, caps)
+def run_bench(out_dir, quick: bool = False, device: str = "all", threads: int | None = None, caps: Capabilities | None = None,
+              only: list[str] | None = None, # run these sections only (default all: SECTIONS)
+             ) -> dict:
+    "Run the benchmark sections, write bench.json, bench.md and the PNG plots into `out_dir`; return the results."
+    bad = sorted(set(only or ()) - set(SECTIONS))
+    if bad: raise ValueError(f"unknown benchmark section(s) {', '.join(bad)}: choose from {', '.join(SECTIONS)}")
+    if threads is None: return _run_bench(out_dir, quick, device, caps, only)
     if threads < 1: raise ValueError(f"threads must be >= 1, got {threads}")
     # CPU threads for this process and (through the environment) the loss-path subprocesses; restored after
     old_t, old_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(threads); os.environ["OMP_NUM_THREADS"] = str(threads)
-    try: return _run_bench(out_dir, quick, device, caps)
+    try: return _run_bench(out_dir, quick, device, caps, only)
     finally:
         torch.set_num_threads(old_t)
         if old_env is None: os.environ.pop("OMP_NUM_THREADS", None)
         else: os.environ["OMP_NUM_THREADS"] = old_env
 
 # %% ../nbs/13b_bench_report.ipynb #9e7f1d48
-def _run_bench(out_dir, quick, device, caps) -> dict:
+SECTIONS = ("loss_paths", "backends", "compile", "heads", "weighters", "decoding", "pretrained", "real_code")
+
+def _run_bench(out_dir, quick, device, caps, only=None) -> dict:
     caps = caps or Capabilities.detect()
     devices, sizes = _devices(device, caps), BENCH_SIZES["quick" if quick else "full"]
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +213,7 @@ def _run_bench(out_dir, quick, device, caps) -> dict:
                     pretrained=lambda: bench_pretrained(sizes) if "cpu" in devices and importlib.util.find_spec("transformers") else [],
                     real_code=lambda: bench_real_code(sizes) if "cpu" in devices and importlib.util.find_spec("transformers") else [])
     for name, fn in sections.items():
+        if only and name not in only: res[name] = []; continue
         try: res[name] = fn()
         except Exception as e:  # one broken section must not throw away the others' minutes of measurements
             _say(f"section {name} failed: {type(e).__name__}: {e}")
@@ -202,28 +221,30 @@ def _run_bench(out_dir, quick, device, caps) -> dict:
     if not hasattr(F, "linear_cross_entropy"): res["notes"].append(f"torch {torch.__version__} has no F.linear_cross_entropy: that row is absent")
     if "cuda" in devices and importlib.util.find_spec("liger_kernel") is None: res["notes"].append("Liger-Kernel is not installed: no liger_flce row")
     if quick: res["notes"].append("--quick: small shapes and few repeats (a smoke run; the full run gives the numbers to quote)")
+    if only: res["notes"].append(f"--only {' '.join(only)}: the other sections did not run")
     res["targets"] = targets(res)
     res["meta"]["wall_s"], res["meta"]["load_avg_end"] = time.perf_counter() - t0, _load()
     (out_dir / "bench.json").write_text(json.dumps(res, indent=1, default=str))
     (out_dir / "bench.md").write_text(report_markdown(res))
-    plot_report(res, out_dir)
+    res["plots"] = [p.name for p in plot_report(res, out_dir)]
     return res
 
 # %% ../nbs/13b_bench_report.ipynb #608f3a86
 def bench_main(argv: list[str] | None = None) -> int:
-    "`wmtp bench [--out DIR] [--quick] [--device cpu|cuda|mps|all]`: run the benchmarks, write the report, print it."
+    "`wmtp bench [--out DIR] [--quick] [--device cpu|cuda|mps|all] [--only SECTION ...]`: run the benchmarks, write the report, print it."
     ap = argparse.ArgumentParser(prog="wmtp bench", description="Benchmark loss paths, backends, compile, heads, weighters and decoding side by side.")
     ap.add_argument("--out", default="bench", help="folder for bench.json, bench.md and the PNG plots (default: ./bench)")
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats, no torch.compile (a smoke run in well under a minute)")
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "mps", "all"], help="where to run (default: cpu and every accelerator present)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); 1 gives steadier numbers on a busy machine")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION", help=f"run these sections only: {', '.join(SECTIONS)} (default: all)")
     args = ap.parse_args(argv)
     if args.threads is not None and args.threads < 1: ap.error(f"--threads must be >= 1, got {args.threads}")
-    try: res = run_bench(args.out, quick=args.quick, device=args.device, threads=args.threads)
+    try: res = run_bench(args.out, quick=args.quick, device=args.device, threads=args.threads, only=args.only)
     except RuntimeError as e:
         if "is not available on this machine" not in str(e): raise
         print(f"wmtp bench: {e}", file=sys.stderr); return 2
     print(report_markdown(res))
     if res["errors"]: _say(f"{len(res['errors'])} section(s) failed: see the report"); return 1
-    _say(f"wrote {Path(args.out) / 'bench.json'}, bench.md, loss_paths.png, decoding.png in {res['meta']['wall_s']:.0f} s")
+    _say(f"wrote {Path(args.out) / 'bench.json'}, bench.md{''.join(', ' + p for p in res['plots'])} in {res['meta']['wall_s']:.0f} s")
     return 0
