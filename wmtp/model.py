@@ -452,7 +452,10 @@ def _accept(p: Tensor, q: Tensor, u: Tensor) -> Tensor:
 def _choose_heads(n: int, tried: list, acc: list, costs: tuple[float, float], per_token: float = 0.08) -> int:
     "Heads worth running (1 + drafting heads, never more than `n`): the most expected tokens per unit of cost, from running acceptance counts."
     base, head = costs
-    if n == 1 or tried[0] < 8: return n  # too few drafts seen yet to judge
+    if n == 1: return n
+    # a head 1 that was never right is judged after a probation costing about two greedy steps (short when heads are costly)
+    never = acc[0] == 0 and tried[0] >= max(3, round(2 / ((n - 1) * (head / base + per_token))))
+    if tried[0] < 8 and not never: return n  # too few drafts seen yet to judge
     best, best_rate, gain, p = 0, 1.0 / base, 1.0, 1.0
     for k in range(1, n):
         p *= (acc[k - 1] + 1) / (tried[k - 1] + 2)  # chance that drafts 1..k are all accepted (Laplace's rule per head)
@@ -544,6 +547,12 @@ def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int, adapt: bo
     x, passes, accepted = out.trunk, 1, 0
     n, tried, acc = self.n_future, [0] * self.n_future, [0] * self.n_future  # modules run, and their running acceptance
     while (left := S + max_new_tokens - seq.numel()) > 0:
+        if n == 1:  # no module drafts any more: head 0 alone, one token a pass, without the drafting loop's bookkeeping
+            for _ in range(left):
+                out = self(seq[-1:][None], kv_cache=cache, n_heads=1)
+                seq = torch.cat([seq, F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])
+            passes += left
+            break
         m = min(n - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
         drafts = self._draft_sequential(st, x, seq, m) if m > 0 else seq[:0]
         start = cache.length
