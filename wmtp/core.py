@@ -105,6 +105,12 @@ class ProcessMemory(NamedTuple):
 
 # %% ../nbs/00_core.ipynb #9eb4d6bc
 def _peak_rss() -> int:
+    "The peak resident memory of this process's own address space, in bytes."
+    # Linux: VmHWM belongs to this image alone; getrusage's maxrss also remembers the parent's memory at fork,
+    # so a small subprocess of a big one would report the parent's size as its own peak
+    try:
+        with open("/proc/self/status") as f: return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration): pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
