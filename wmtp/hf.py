@@ -17,7 +17,7 @@ from torch import Tensor
 from fastcore.basics import patch
 
 from .core import did_you_mean
-from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, check_forward_inputs, MTPTransformer, SeqModule, _choose_heads
+from .model import HEAD_LAYOUTS, MLPHeads, MTPOutput, check_forward_inputs, MTPTransformer, SeqModule, _choose_heads, _greedy_tail
 from .stack import stack_heads
 
 # %% auto #0
@@ -416,10 +416,7 @@ def _speculate_drafts(self: HFMTPModel, ids: Tensor, max_new_tokens: int, adapt:
     heads, tried, acc = self.n_future, [0] * self.n_future, [0] * self.n_future  # modules run, and their running acceptance
     while (left := S + max_new_tokens - seq.numel()) > 0:
         if heads == 1:  # no module drafts any more: head 0 alone, one token a pass, without the drafting loop's bookkeeping
-            for _ in range(left):
-                out = self(seq[-1:][None], kv_cache=cache, n_heads=1)
-                seq = torch.cat([seq, F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])
-            passes += left
+            seq, passes = _greedy_tail(self, seq, cache, left), passes + left
             break
         m = min(heads - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
         drafts = self._draft_sequential(st, x, n, seq, m) if m > 0 else seq[:0]

@@ -536,6 +536,14 @@ def _speculate_batch(self: MTPTransformer, ids: Tensor, max_new_tokens: int, tem
     return seq[:, :S + N], dict(forward_passes=int(passes.sum()), accepted_drafts=int(accepted.sum()),
                                 drafted_per_head=tried[:H - 1].tolist(), accepted_per_head=acc[:H - 1].tolist(), heads_run=n)
 
+# %% ../nbs/04_model.ipynb #837d090f
+def _greedy_tail(model, seq: Tensor, cache, n: int) -> Tensor:
+    "`seq` [T] (its last token not cached yet) and `n` more greedy tokens of head 0, one cached forward each: a speculative loop whose drafting stopped."
+    for _ in range(n):
+        out = model(seq[-1:][None], kv_cache=cache, n_heads=1)
+        seq = torch.cat([seq, F.linear(out.hidden[0, -1:, 0], model.unembedding).argmax(-1)])
+    return seq
+
 # %% ../nbs/04_model.ipynb #8858aec2
 @patch
 def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int, adapt: bool = True):
@@ -548,10 +556,7 @@ def _speculate(self: MTPTransformer, ids: Tensor, max_new_tokens: int, adapt: bo
     n, tried, acc = self.n_future, [0] * self.n_future, [0] * self.n_future  # modules run, and their running acceptance
     while (left := S + max_new_tokens - seq.numel()) > 0:
         if n == 1:  # no module drafts any more: head 0 alone, one token a pass, without the drafting loop's bookkeeping
-            for _ in range(left):
-                out = self(seq[-1:][None], kv_cache=cache, n_heads=1)
-                seq = torch.cat([seq, F.linear(out.hidden[0, -1:, 0], W).argmax(-1)])
-            passes += left
+            seq, passes = _greedy_tail(self, seq, cache, left), passes + left
             break
         m = min(n - 1, left - 1)  # drafts the budget can use: a pass emits at most m + 1 tokens
         drafts = self._draft_sequential(st, x, seq, m) if m > 0 else seq[:0]
