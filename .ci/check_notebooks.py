@@ -17,7 +17,8 @@ Fails (exit 1, naming each problem) when
 - a module under `wmtp/` (other than nbdev's index) has no docstring.
 
 With `--strict`, every stored output must also carry its hash (in notebooks never refreshed too), and the
-notebooks in `PENDING` (being changed by others now) are held to every rule above.
+notebooks in `PENDING` (being changed by others now) are held to every rule above, and the whole book must
+show enough: at least 30% of its non-export code cells keep an output, and it keeps at least 10 plots.
 
 `python .ci/check_notebooks.py [--strict] [NOTEBOOK ...]`: with notebooks named, only those are checked.
 """
@@ -105,6 +106,25 @@ def notebook_problems(path: Path, strict: bool = False) -> list[str]:
     return out + new
 
 
+MIN_SHOWN, MIN_PLOTS = 0.30, 10  # the book's floor: share of non-export code cells that keep an output, and plots
+
+
+def book_problems(nbs: list[Path]) -> list[str]:
+    "Whether the book as a whole shows enough: the share of its non-export code cells with an output, and its number of plots."
+    shown = total = plots = 0
+    for path in nbs:
+        for c in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+            if c["cell_type"] != "code": continue
+            plots += sum("image/png" in o.get("data", {}) for o in c.get("outputs", []))
+            if "".join(c["source"]).lstrip().startswith(("#| export", "#| hide", "#| default_exp")): continue
+            total, shown = total + 1, shown + bool(c.get("outputs"))
+    out = []
+    if total and shown / total < MIN_SHOWN:
+        out.append(f"the book: {shown} of {total} non-export code cells keep an output ({shown / total:.0%}), fewer than {MIN_SHOWN:.0%}")
+    if plots < MIN_PLOTS: out.append(f"the book: {plots} plots, fewer than {MIN_PLOTS}")
+    return out
+
+
 def module_problems(pkg: Path) -> list[str]:
     "Modules without a docstring."
     out = []
@@ -121,7 +141,7 @@ if __name__ == "__main__":
     named = [Path(a) for a in args if a != "--strict"]
     nbs = named or sorted((root / "nbs").glob("*.ipynb"))
     problems = [p for nb in nbs for p in notebook_problems(nb, strict)]
-    if not named: problems += module_problems(root / "wmtp")
+    if not named: problems += module_problems(root / "wmtp") + (book_problems(nbs) if strict else [])
     for p in problems: print("FAIL:", p)
     if problems: sys.exit(1)
     print(f"{len(nbs)} notebooks read as prose, their stored outputs match their cells"

@@ -101,3 +101,14 @@ def test_one_line_heading_cells():
     assert check.comment_style("## A section") is False
     assert check.comment_style("# one\n# two")
     assert check.comment_style("Prose that mentions # a hash.") is False
+
+
+def test_book_floor(tmp_path):
+    "The book-wide floor fails on a book that shows too little, and passes on this repository's notebooks."
+    code = lambda src, outs=(): {"cell_type": "code", "source": [src], "outputs": list(outs), "metadata": {}}
+    png = {"output_type": "display_data", "data": {"image/png": "iVBOR"}, "metadata": {}}
+    nb = tmp_path / "a.ipynb"
+    nb.write_text(json.dumps({"cells": [code("#| export\nx = 1"), code("w"), code("x"), code("y"), code("z", [png])]}))
+    probs = check.book_problems([nb])
+    assert any("1 of 4 non-export code cells" in p for p in probs) and any("1 plots, fewer than 10" in p for p in probs), probs
+    assert check.book_problems(sorted((ROOT / "nbs").glob("*.ipynb"))) == []
