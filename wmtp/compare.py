@@ -38,7 +38,7 @@ ROWS = {  # row: (algorithm, overrides that make the row)
 # the setting where pass@1 says something: at d_model 64 the model learns to copy the docstring's constants into
 # the code between steps 2000 and 3000 of 4000 when it sees 1000 tasks; with 400 tasks and 1200 steps it never does
 SETTING = ["model.d_model=64", "data.n_tasks=1000", "optim.max_steps=4000"]
-FRAC_ROWS = ("baseline", "rho1-weighted")  # the rows also trained at the lower shares of incorrect programs
+FRAC_ROWS = tuple(r for r in ROWS if r != "oracle")  # every row also trains at the lower shares (the oracle has no incorrect programs)
 CRITIC_LM_SHARE = 0.75  # the critic's LM stage: this share of the steps, so that it reaches the copying phase
 CURVE_ROWS, CURVE_POINTS = ("baseline", "oracle"), 8  # rows whose pass@1 is measured along training
 # no MLflow database per run and no intermediate checkpoints, except where a row needs them
@@ -241,7 +241,8 @@ def run_compare(out, seeds=(0, 1, 2), rows=tuple(ROWS), fracs=(None, 0.3), overr
     if not seeds: raise ConfigError("run_compare needs at least one seed")
     for r in rows:  # every setting is valid before anything runs
         for f in fracs: setting(r, config, overrides, quick, None, f)
-    key = dict(quick=quick, overrides=list(overrides), eval_tasks=eval_tasks, n_samples=n_samples, config=bool(config))
+    key = dict(quick=quick, overrides=list(overrides), eval_tasks=eval_tasks, n_samples=n_samples, config=bool(config),
+               setting=[] if quick else SETTING)  # the code's own setting too: a folder made under another one is not resumed
     kf = out / "setting.json"
     if kf.is_file() and json.loads(kf.read_text()) != key:
         raise ConfigError(f"{out} holds a comparison made with other settings ({kf.read_text().strip()}): use another --out, "
