@@ -410,9 +410,11 @@ def _findings(res: dict, sm: dict, pdiff: dict) -> list[str]:
         if p["excludes_zero"]: L.append(f"- **{l}**: greedy pass@1 {'above' if p['diff'] > 0 else 'below'} the baseline's by {abs(p['diff']):.3f} "
                                          f"(95% interval {p['lo']:+.3f} to {p['hi']:+.3f}, {p['seeds']} seeds x {p['tasks']} tasks).")
         else: L.append(f"- **{l}**: no difference shown in greedy pass@1 ({p['diff']:+.3f}, interval {p['lo']:+.3f} to {p['hi']:+.3f}).")
-    o = pdiff.get("oracle")
-    if o: L.append(f"- The oracle's interval half-width is {o['pass_at_1']['half_width']:.3f}: differences smaller than that are "
-                   f"beyond what this comparison can resolve.")
+    for l, d in pdiff.items():  # the oracle's interval at each share: the smallest difference each table can resolve
+        if l == "oracle" or l.startswith("oracle vs"):
+            at = "" if l == "oracle" else f" against the baseline at {l.split(' @ ')[1]}"
+            L.append(f"- The oracle's interval half-width{at} is {d['pass_at_1']['half_width']:.3f} ({d['pass_at_1']['seeds']} seeds): "
+                     f"differences smaller than that are beyond what {'this comparison' if l == 'oracle' else 'that table'} can resolve.")
     base = next((m for m in sm.values() if m["row"] == "baseline" and m["frac"] is None), None)
     if base and base["pass_at_1"]["mean"] is not None and not 0.2 <= base["pass_at_1"]["mean"] <= 0.8:
         L.append(f"- The baseline's held-out pass@1 is {base['pass_at_1']['mean']:.3f}, outside [0.2, 0.8]: pass@k has little room to "
@@ -471,18 +473,26 @@ def report_markdown(res: dict, command: str | None = None) -> str:
 
 # %% ../nbs/13a_compare.ipynb #b83382a2
 def plot_compare(res: dict, path) -> Path:
-    "compare.png: greedy pass@1 per row with 95% intervals; pass@1 along training for the baseline and the oracle."
+    "compare.png: greedy pass@1 per row with 95% intervals, one marker per share of incorrect programs; pass@1 along training for the baseline and the oracle."
     import matplotlib; import matplotlib.pyplot as plt
     g = _groups(res)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
-    labels = [k for k in g if all("greedy" in r for r in g[k])]
-    for i, (row, frac) in enumerate(labels):
-        grid = [r["greedy"] for r in g[(row, frac)]]
-        ci = paired_bootstrap(grid, np.zeros_like(np.asarray(grid, dtype=float)), 2000)
-        ax.errorbar(i, ci["diff"], yerr=[[ci["diff"] - ci["lo"]], [ci["hi"] - ci["diff"]]], fmt="o", capsize=4,
-                    color="C1" if row == "oracle" else ("C0" if frac is None else "C2"))
-    ax.set_xticks(range(len(labels)), [_label(r, f) for r, f in labels], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("held-out pass@1 (greedy)"); ax.set_title("pass@1 per row, 95% interval")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    rows = sorted({row for row, _ in g}, key=lambda r: (r != "oracle", list(ROWS).index(r) if r in ROWS else len(ROWS)))
+    fracs = sorted({f for _, f in g}, key=lambda f: -1 if f is None else f)
+    share = lambda f: "all training records" if f is None else f"incorrect share {f:g}"
+    for j, f in enumerate(fracs):  # each share a colour; the oracle (no incorrect programs) stands alone
+        dx = 0.0 if len(fracs) == 1 else 0.3 * (j / (len(fracs) - 1) - 0.5)
+        for i, row in enumerate(rows):
+            rs = g.get((row, f))
+            if not rs or not all("greedy" in r for r in rs) or (row == "oracle" and f is not None): continue
+            grid = [r["greedy"] for r in rs]
+            ci = paired_bootstrap(grid, np.zeros_like(np.asarray(grid, dtype=float)), 2000)
+            ax.errorbar(i + (0 if row == "oracle" else dx), ci["diff"], yerr=[[ci["diff"] - ci["lo"]], [ci["hi"] - ci["diff"]]], fmt="o",
+                        capsize=4, color="C1" if row == "oracle" else f"C{0 if f is None else 2 + j}",
+                        label=None if row == "oracle" else (share(f) if i == next(k for k, r in enumerate(rows) if r != "oracle" and g.get((r, f))) else None))
+    ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("held-out pass@1 (greedy)"); ax.set_title("pass@1 per row, 95% interval over seeds and tasks")
+    if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=8)
     for row, color in (("baseline", "C0"), ("oracle", "C1")):
         for j, r in enumerate(g.get((row, None), [])):
             if r.get("curve"):
