@@ -27,6 +27,7 @@ def quick(tmp_path_factory):
 def test_resume_keeps_finished_jobs(quick):
     out, res, kept = quick
     assert "resuming:" in res.stdout and "jobs are done" in res.stdout
+    assert "min left)" in res.stdout  # progress: the time the jobs still to train will take, from this call's pace
     assert (out / "runs" / "seed0" / "ntp" / "result.json").read_text() == kept  # read back, not trained again
 
 

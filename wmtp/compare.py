@@ -202,11 +202,14 @@ def run_job(job: dict, ctx: dict) -> dict:
 def _run_all(jobs: list[dict], ctx: dict, n_jobs: int, log) -> list[dict]:
     "Run `jobs`, `n_jobs` at a time in separate processes (one in this process when 1); a Rho-1 job waits for its reference."
     results, t0 = {}, time.time()
+    fresh = {j["dir"] for j in jobs if not (Path(j["dir"]) / "result.json").is_file()}  # jobs this call trains
     def note(job, res, t):
         share = "" if job["frac"] is None else f" (incorrect share {job['frac']:g})"
+        done_here, left = len(fresh & results.keys()), len(fresh - results.keys())
+        eta = f", about {math.ceil((t - t0) / done_here * left / 60)} min left" if job["dir"] in fresh and left else ""  # from this call's pace
         log(f"wmtp compare: seed {job['seed']}: {job['row']}{share}: "
             f"pass@1 {res.get('pass_at_1', float('nan')):.3f}, CE constants {res['ce_constants']:.3f} "
-            f"({len(results)}/{len(jobs)} done, {time.time() - t0:.0f} s)")
+            f"({len(results)}/{len(jobs)} done, {t - t0:.0f} s{eta})")
     ready = lambda j: not j.get("reference") or j["reference"] in results
     if n_jobs <= 1:
         for j in jobs:
