@@ -556,6 +556,14 @@ def _finish(res: dict, out: Path, cmd: str) -> str:
     return md
 
 # %% ../nbs/13a_compare.ipynb #f303dfa8
+def _command(a: argparse.Namespace) -> str:
+    "The command line a report names: the arguments that change what runs."
+    return "wmtp compare " + " ".join([*(["--quick"] if a.quick else []), *([f"--seeds {a.seeds}"] if a.seeds is not None else []),
+                                   *([f"--jobs {a.jobs}"] if a.jobs > 1 else []), *([f"--eval-tasks {a.eval_tasks}"] if a.eval_tasks else []),
+                                   *([f"--samples {a.samples}"] if a.samples is not None else []), *([f"--config {a.config}"] if a.config else []),
+                                   *([f"--rows {' '.join(a.rows)}"] if a.rows else []), *([f"--incorrect-frac {' '.join(a.incorrect_frac)}"] if a.incorrect_frac else []),
+                                   *a.overrides]).strip()
+
 def compare_main(argv=None) -> int:
     "The `wmtp compare` command; return the exit code."
     a = _parser().parse_intermixed_args(argv)
@@ -572,9 +580,7 @@ def compare_main(argv=None) -> int:
                           report_only=a.report_only)
     except (ConfigError, FileNotFoundError) as e:
         print(f"wmtp compare: error: {e}", file=sys.stderr); return 2
-    cmd = "wmtp compare " + " ".join([*(["--quick"] if a.quick else []), *([f"--seeds {a.seeds}"] if a.seeds is not None else []),
-                                      *([f"--jobs {a.jobs}"] if a.jobs > 1 else []), *([f"--eval-tasks {a.eval_tasks}"] if a.eval_tasks else []),
-                                      *a.overrides]).strip()
+    cmd = _command(a)
     out = Path(a.out).expanduser().resolve()
     md = _finish(res, out, cmd)
     print(md); print(f"\nwmtp compare: wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
