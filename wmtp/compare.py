@@ -559,11 +559,11 @@ def _finish(res: dict, out: Path, cmd: str) -> str:
 # %% ../nbs/13a_compare.ipynb #f303dfa8
 def _command(a: argparse.Namespace) -> str:
     "The command line a report names: the arguments that change what runs."
-    return "wmtp compare " + " ".join([*(["--quick"] if a.quick else []), *([f"--seeds {a.seeds}"] if a.seeds is not None else []),
+    # overrides first: after --rows or --incorrect-frac (nargs="+") they would be read as more rows or shares
+    return "wmtp compare " + " ".join([*a.overrides, *(["--quick"] if a.quick else []), *([f"--seeds {a.seeds}"] if a.seeds is not None else []),
                                    *([f"--jobs {a.jobs}"] if a.jobs > 1 else []), *([f"--eval-tasks {a.eval_tasks}"] if a.eval_tasks else []),
                                    *([f"--samples {a.samples}"] if a.samples is not None else []), *([f"--config {a.config}"] if a.config else []),
-                                   *([f"--rows {' '.join(a.rows)}"] if a.rows else []), *([f"--incorrect-frac {' '.join(a.incorrect_frac)}"] if a.incorrect_frac else []),
-                                   *a.overrides]).strip()
+                                   *([f"--rows {' '.join(a.rows)}"] if a.rows else []), *([f"--incorrect-frac {' '.join(a.incorrect_frac)}"] if a.incorrect_frac else [])]).strip()
 
 def compare_main(argv=None) -> int:
     "The `wmtp compare` command; return the exit code."
