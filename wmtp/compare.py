@@ -200,28 +200,37 @@ def run_job(job: dict, ctx: dict) -> dict:
     return row
 
 # %% ../nbs/13a_compare.ipynb #d6475d42
+def _time_left(took: list[float], running: list[float], waiting: int, n_jobs: int) -> float:
+    "Seconds until the jobs still to train are done, if each takes as long as those finished took on average (`running`: how long each running one has run)."
+    per_job = statistics.fmean(took)
+    return (sum(max(per_job - r, 0.0) for r in running) + per_job * waiting) / max(1, n_jobs)
+
 def _run_all(jobs: list[dict], ctx: dict, n_jobs: int, log) -> list[dict]:
     "Run `jobs`, `n_jobs` at a time in separate processes (one in this process when 1); a Rho-1 job waits for its reference."
-    results, t0 = {}, time.time()
+    results, t0, started, took = {}, time.time(), {}, []
     fresh = {j["dir"] for j in jobs if not (Path(j["dir"]) / "result.json").is_file()}  # jobs this call trains
+    todo, running = list(jobs), {}
     def note(job, res, t):
         share = "" if job["frac"] is None else f" (incorrect share {job['frac']:g})"
-        done_here, left = len(fresh & results.keys()), len(fresh - results.keys())
-        eta = f", about {math.ceil((t - t0) / done_here * left / 60)} min left" if job["dir"] in fresh and left else ""  # from this call's pace
+        if job["dir"] in fresh: took.append(t - started[job["dir"]])
+        waiting = len(fresh & {j["dir"] for j in todo})
+        run_for = [t - started[j["dir"]] for j in running.values() if j["dir"] in fresh]
+        left = _time_left(took, run_for, waiting, n_jobs) if job["dir"] in fresh and (waiting or run_for) else 0
+        eta = f", about {math.ceil(left / 60)} min left" if left else ""  # from this call's pace, jobs running side by side
         log(f"wmtp compare: seed {job['seed']}: {job['row']}{share}: "
             f"pass@1 {res.get('pass_at_1', float('nan')):.3f}, CE constants {res['ce_constants']:.3f} "
             f"({len(results)}/{len(jobs)} done, {t - t0:.0f} s{eta})")
     ready = lambda j: not j.get("reference") or j["reference"] in results
     if n_jobs <= 1:
-        for j in jobs:
+        while todo:
+            j = todo.pop(0); started[j["dir"]] = time.time()
             results[j["dir"]] = run_job(j, ctx)
             if results[j["dir"]] is not None: note(j, results[j["dir"]], time.time())
         return [results[j["dir"]] for j in jobs if results[j["dir"]] is not None]
-    todo, running = list(jobs), {}
     with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as ex:
         while todo or running:
             for j in [j for j in todo if ready(j)][:max(0, n_jobs - len(running))]:
-                todo.remove(j); running[ex.submit(run_job, j, ctx)] = j
+                todo.remove(j); started[j["dir"]] = time.time(); running[ex.submit(run_job, j, ctx)] = j
             if not running: raise RuntimeError("wmtp compare: jobs wait for a reference that no job makes")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
