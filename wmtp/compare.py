@@ -415,6 +415,7 @@ def _table(res: dict, sm: dict, pdiff: dict) -> list[str]:
     return L
 
 # %% ../nbs/13a_compare.ipynb #2f06ddda
+def _seeds(n: int) -> str: return f"{n} seed{'s' if n != 1 else ''}"
 _ONE_SEED = " One seed only: the interval covers task-to-task variation, not seed-to-seed, so it is too narrow."
 
 def _findings(res: dict, sm: dict, pdiff: dict) -> list[str]:
@@ -423,14 +424,15 @@ def _findings(res: dict, sm: dict, pdiff: dict) -> list[str]:
     for l, d in pdiff.items():
         p = d["pass_at_1"]
         if p["excludes_zero"]: L.append(f"- **{l}**: greedy pass@1 {'above' if p['diff'] > 0 else 'below'} the baseline's by {abs(p['diff']):.3f} "
-                                         f"(95% interval {p['lo']:+.3f} to {p['hi']:+.3f}, {p['seeds']} seeds x {p['tasks']} tasks).")
+                                         f"(95% interval {p['lo']:+.3f} to {p['hi']:+.3f}, {_seeds(p['seeds'])} x {p['tasks']} tasks).")
         else: L.append(f"- **{l}**: no difference shown in greedy pass@1 ({p['diff']:+.3f}, interval {p['lo']:+.3f} to {p['hi']:+.3f}).")
         if p["seeds"] == 1: L[-1] += _ONE_SEED
     for l, d in pdiff.items():  # the oracle's interval at each share: the smallest difference each table can resolve
         if l == "oracle" or l.startswith("oracle vs"):
             at = "" if l == "oracle" else f" against the baseline at {l.split(' @ ')[1]}"
-            L.append(f"- The oracle's interval half-width{at} is {d['pass_at_1']['half_width']:.3f} ({d['pass_at_1']['seeds']} seed{'s' if d['pass_at_1']['seeds'] > 1 else ''}): "
-                     f"differences smaller than that are beyond what {'this comparison' if l == 'oracle' else 'that table'} can resolve." + (_ONE_SEED if d['pass_at_1']['seeds'] == 1 else ""))
+            p = d["pass_at_1"]
+            L.append(f"- The oracle's interval half-width{at} is {p['half_width']:.3f} ({_seeds(p['seeds'])}): differences smaller than that "
+                     f"are beyond what {'this comparison' if l == 'oracle' else 'that table'} can resolve." + (_ONE_SEED if p["seeds"] == 1 else ""))
     base = next((m for m in sm.values() if m["row"] == "baseline" and m["frac"] is None), None)
     if base and base["pass_at_1"]["mean"] is not None and not 0.2 <= base["pass_at_1"]["mean"] <= 0.8:
         L.append(f"- The baseline's held-out pass@1 is {base['pass_at_1']['mean']:.3f}, outside [0.2, 0.8]: pass@k has little room to "
