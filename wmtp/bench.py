@@ -341,8 +341,8 @@ def bench_decoding(device: str, sizes: dict) -> list[dict]:
     return rows
 
 # %% ../nbs/13_bench.ipynb #f2ae25a8
-def _train_real(d: dict, heads: str, seed: int = 0):
-    "A `wmtp.hf.tiny_model` Llama (its BPE trained on stdlib code) with 4 heads of `heads`, trained d['steps'] steps on stdlib code (cpu): model, tokenizer, last loss."
+def _train_real(d: dict, heads: str, seed: int = 0, device: str = "cpu"):
+    "A `wmtp.hf.tiny_model` Llama (its BPE trained on stdlib code) with 4 heads of `heads`, trained d['steps'] steps on stdlib code on `device`: model, tokenizer, last loss."
     import tempfile, shutil
     from wmtp.data import pack_documents, stdlib_documents
     from wmtp.hf import from_pretrained, load_tokenizer, tiny_model
@@ -351,27 +351,27 @@ def _train_real(d: dict, heads: str, seed: int = 0):
         path = tiny_model(tmp / "model", "llama", vocab_size=d["vocab"], d_model=d["d_model"], n_layer=d["n_layer"], max_positions=d["max_positions"], seed=seed)
         tok = load_tokenizer(path)
         torch.manual_seed(seed)
-        model = from_pretrained(path, n_future=4, heads=heads).train()
+        model = from_pretrained(path, n_future=4, heads=heads).to(device).train()
     finally: shutil.rmtree(tmp, ignore_errors=True)
     B, S = d["batch"]
-    data = pack_documents(stdlib_documents("train", max_files=d["files"]), tok, S)
+    data = pack_documents(stdlib_documents("train", max_files=d["files"]), tok, S).to(device)
     opt, g = torch.optim.AdamW(model.parameters(), lr=d["lr"], weight_decay=0.0), torch.Generator().manual_seed(seed)
     for _ in range(d["steps"]):
-        x = data[torch.randint(0, len(data), (B,), generator=g)]
+        x = data[torch.randint(0, len(data), (B,), generator=g).to(device)]
         loss = weighted_mtp_loss(targets=mtp_targets(x, 4), hidden=model(x).hidden, unembedding=model.unembedding).loss
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return model.eval(), tok, loss.item()
 
 # %% ../nbs/13_bench.ipynb #b9ccd6aa
-def bench_real_code(sizes: dict) -> list[dict]:
-    "Decoding held-out stdlib code (cpu, one prompt at a time): wmtp greedy and speculative next to transformers' own `generate` (greedy, prompt lookup), side by side in CPU time."
+def bench_real_code(sizes: dict, device: str = "cpu") -> list[dict]:
+    "Decoding held-out stdlib code (one prompt at a time): wmtp greedy and speculative next to transformers' own `generate` (greedy, prompt lookup), side by side in CPU time (wall time on an accelerator)."
     from wmtp.data import stdlib_documents
     d, rows = sizes["real_code"], []
     N = d["new_tokens"]
     for heads in d["heads"]:
-        _say(f"decoding on real code, {heads} heads: training a tiny_model Llama first ({d['steps']} steps)")
-        model, tok, loss = _train_real(d, heads)
-        prompts = [torch.tensor([tok.encode(doc)[:d["prompt"]]]) for doc in stdlib_documents("valid", max_files=d["prompts"])]
+        _say(f"decoding on real code on {device}, {heads} heads: training a tiny_model Llama first ({d['steps']} steps)")
+        model, tok, loss = _train_real(d, heads, device=device)
+        prompts = [torch.tensor([tok.encode(doc)[:d["prompt"]]], device=device) for doc in stdlib_documents("valid", max_files=d["prompts"])]
         gc = copy.deepcopy(model.lm.generation_config)
         gc.update(eos_token_id=None, pad_token_id=tok.pad_id, do_sample=False, max_new_tokens=N)  # never stop early: the same budget as wmtp
         every = dict(draft_threshold=0.0, adapt_heads=False)
@@ -383,12 +383,14 @@ def bench_real_code(sizes: dict) -> list[dict]:
         ref = [model.generate(p, N) for p in prompts]
         stats = {"wmtp speculative": {}, "wmtp speculative, every head drafting": every}
         stats = {k: [model.generate(p, N, speculative=True, return_stats=True, **kw)[1] for p in prompts] for k, kw in stats.items()}
-        vc = verify_cost(model, prompts[0], H_VERIFY, 20)  # what a verifying pass costs in one-token forwards, on this model
-        _, cpu = side_by_side([lambda f=f: [f(p) for p in prompts] for f in methods.values()], repeats=d["repeats"])
+        sync, on_cpu = _policy(device).synchronize, device == "cpu"
+        vc = verify_cost(model, prompts[0], H_VERIFY, 20, sync, cpu=on_cpu)  # what a verifying pass costs in one-token forwards, on this model
+        wall, cpu = side_by_side([lambda f=f: [f(p) for p in prompts] for f in methods.values()], sync, d["repeats"])
+        cpu = cpu if on_cpu else wall  # an accelerator works while the host waits: its time is the wall clock
         for (name, f), c in zip(methods.items(), cpu):
             st = stats.get(name)
             drafted = [sum(s["drafted_per_head"][k] for s in st) for k in range(3)] if st else None
-            rows.append(dict(heads=heads, method=name, model=f"Llama d_model {d['d_model']}, {d['n_layer']} layers, BPE {d['vocab']}, H=4 {heads}",
+            rows.append(dict(device=device, heads=heads, method=name, model=f"Llama d_model {d['d_model']}, {d['n_layer']} layers, BPE {d['vocab']}, H=4 {heads}" + ("" if on_cpu else f" ({device})"),
                              train_steps=d["steps"], final_train_loss=loss, prompts=len(prompts), new_tokens=N, ms_per_token=1000 * c / (N * len(prompts)),
                              x_transformers_greedy=cpu[0] / c, x_wmtp_greedy=cpu[2] / c,
                              tokens_per_forward=(N * len(prompts) / sum(s["forward_passes"] for s in st)) if st else (1.0 if "greedy" in name else None),

@@ -495,6 +495,9 @@ def from_pretrained(path_or_id: str | Path, # a local folder, a wmtp `hf/` expor
         if heads not in HEAD_LAYOUTS: raise ValueError(f"heads must be one of {', '.join(HEAD_LAYOUTS)}, got {heads!r}{did_you_mean(str(heads), HEAD_LAYOUTS)}")
         native = bool(nat) and n_future > 1
         if native and not local: raise ValueError(f"{src}: released MTP layers load from a local folder; download it first (hf download {src} --local-dir DIR)")
+        # transformers >= 5.25 swaps in Hub kernels (rotary, RMSNorm) by default and fetches them when the model first runs
+        # on a GPU: offline, as on a cluster's compute nodes, that fails mid-run with a trust error. use_kernels=True asks for them
+        options.setdefault("use_kernels", False)
         lm = tf.AutoModelForCausalLM.from_pretrained(src, config=config, trust_remote_code=trust_remote_code, **options)
     except ValueError as e:
         if "Unrecognized" not in str(e): raise
