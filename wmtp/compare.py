@@ -483,7 +483,7 @@ def report_markdown(res: dict, command: str | None = None) -> str:
     if any(r["row"].startswith("rho1") for r in res["rows"]):
         L.append("- Rho-1: its reference model is the oracle run of the same seed (the baseline on clean data); each Rho-1 step also "
                  "runs the reference forward.")
-    L.append("- Wall time per run (s): " + ", ".join(f"{l} {_f(m['wall_time_s'], '.0f')}" for l, m in sm.items()) + ".")
+    L.append("- Training wall time per run (s; the evaluation after it, about 2 minutes, not included): " + ", ".join(f"{l} {_f(m['wall_time_s'], '.0f')}" for l, m in sm.items()) + ".")
     L += ["", "## What they do not show", "",
           "- How the rows compare at scale, on real code, or from a pretrained model: this is one small model on one synthetic task family.",
           "- A difference inside its interval: with these seeds and tasks it is not distinguishable from noise."]
