@@ -384,10 +384,15 @@ def _f(m: dict | None, fmt: str = ".3f") -> str:
     if not m or m.get("mean") is None: return "-"
     return f"{m['mean']:{fmt}}" + (f" ± {m['std']:{fmt.lstrip('+')}}" if m.get("std") is not None else "")
 
+def _bound(x: float, fmt: str = "+.3f") -> str:
+    "An interval bound; one that is not 0 but rounds to 0 keeps two significant digits, so that its side of 0 shows."
+    s = f"{x:{fmt}}"
+    return f"{x:+.2g}" if x != 0 and float(s) == 0 else s
+
 def _ci(d: dict | None, fmt: str = "+.3f") -> str:
     if not d: return "-"
     verdict = ("higher" if d["lo"] > 0 else "lower") if d["excludes_zero"] else "no difference shown"
-    return f"{d['diff']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}] ({verdict})"
+    return f"{d['diff']:{fmt}} [{_bound(d['lo'], fmt)}, {_bound(d['hi'], fmt)}] ({verdict})"
 
 # %% ../nbs/13a_compare.ipynb #2816e019
 def _frac_name(f, sm) -> str:
@@ -424,8 +429,8 @@ def _findings(res: dict, sm: dict, pdiff: dict) -> list[str]:
     for l, d in pdiff.items():
         p = d["pass_at_1"]
         if p["excludes_zero"]: L.append(f"- **{l}**: greedy pass@1 {'above' if p['diff'] > 0 else 'below'} the baseline's by {abs(p['diff']):.3f} "
-                                         f"(95% interval {p['lo']:+.3f} to {p['hi']:+.3f}, {_seeds(p['seeds'])} x {p['tasks']} tasks).")
-        else: L.append(f"- **{l}**: no difference shown in greedy pass@1 ({p['diff']:+.3f}, interval {p['lo']:+.3f} to {p['hi']:+.3f}).")
+                                         f"(95% interval {_bound(p['lo'])} to {_bound(p['hi'])}, {_seeds(p['seeds'])} x {p['tasks']} tasks).")
+        else: L.append(f"- **{l}**: no difference shown in greedy pass@1 ({p['diff']:+.3f}, interval {_bound(p['lo'])} to {_bound(p['hi'])}).")
         if p["seeds"] == 1: L[-1] += _ONE_SEED
     for l, d in pdiff.items():  # the oracle's interval at each share: the smallest difference each table can resolve
         if l == "oracle" or l.startswith("oracle vs"):
