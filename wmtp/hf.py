@@ -298,7 +298,7 @@ def forward(self: HFMTPModel, input_ids: Tensor, attention_mask: Tensor | None =
     return MTPOutput(stack_heads(outs, dim=2), x, lg)
 
 # %% ../nbs/04a_hf.ipynb #4cfd0fe4
-for _name in ("generate", "_decode", "_head_logits", "_draft_logits", "_speculate_batch"): setattr(HFMTPModel, _name, getattr(MTPTransformer, _name))
+for _name in ("generate", "_decode", "_head_logits", "_draft_logits", "_draft_tokens", "_speculate_batch", "_speculate_one"): setattr(HFMTPModel, _name, getattr(MTPTransformer, _name))
 
 # %% ../nbs/04a_hf.ipynb #64203350
 @patch

@@ -422,9 +422,9 @@ def _spec_pass(self: MTPTransformer, feed: Tensor, st: dict, n: int) -> tuple[Te
 # %% ../nbs/04_model.ipynb #e172623b
 @patch
 def _spec_crop(self: MTPTransformer, st: dict, rows: Tensor, lo: int, hi: int, n: int):
-    "Keep `rows[b]` positions of row b in every cache (the heads' cache holds n heads' rows, head-major)."
+    "Keep `rows[b]` positions of row b in every cache (the heads' cache holds n heads' rows, head-major); `rows` None: `lo` (== `hi`) for all."
     st["cache"].crop_rows(rows, lo, hi)
-    if st["head_cache"] is not None: st["head_cache"].crop_rows(rows.repeat(n), lo, hi)
+    if st["head_cache"] is not None: st["head_cache"].crop_rows(None if rows is None else rows.repeat(n), lo, hi)
 
 # %% ../nbs/04_model.ipynb #712a45b3
 @patch
@@ -536,6 +536,51 @@ def _speculate_batch(self: MTPTransformer, ids: Tensor, max_new_tokens: int, tem
     return seq[:, :S + N], dict(forward_passes=int(passes.sum()), accepted_drafts=int(accepted.sum()),
                                 drafted_per_head=tried[:H - 1].tolist(), accepted_per_head=acc[:H - 1].tolist(), heads_run=n)
 
+# %% ../nbs/04_model.ipynb #a2753aaa
+@patch
+def _draft_tokens(self: MTPTransformer, h0: Tensor, hx: Tensor | None, m: int) -> Tensor:
+    "Greedy tokens [B,T,1+m] at every position of a pass: head 0's, then heads 1..m's drafts (parallel heads' states `hx`, or MLP heads on `h0`)."
+    z = h0[:, :, None]
+    if m and hx is not None: z = torch.cat([z, hx[:m].permute(1, 2, 0, 3)], 2)
+    elif m: z = torch.cat([z, z + self.heads[0](h0, m)], 2)
+    return F.linear(z, self.unembedding).argmax(-1)
+
+@patch
+def _speculate_one(self: MTPTransformer, ids: Tensor, max_new_tokens: int, adapt: bool = True):
+    "Self-speculative greedy decoding of one sequence [1,S] (parallel or mlp heads), its bookkeeping on the host: one read per pass."
+    S, N, H, W = ids.shape[1], max_new_tokens, self.n_future, self.unembedding
+    st = self._spec_state(1, S + N + 2 * H)
+    h0, hx = self._spec_pass(ids, st, H)  # prefill: every head over the prompt
+    grid = self._draft_tokens(h0[:, -1:], None if hx is None else hx[:, :, -1:], min(H - 1, N - 1))[:, 0]  # [1,1+m]
+    top = grid[0].tolist()
+    out, drafts = top[:1], top[1:]  # the tokens made so far (the last, the sure token, is not cached yet), and the drafts that follow it
+    length, passes, n, tried, acc = S, 1, H, [0] * (H - 1), [0] * (H - 1)
+    tail = None
+    while (left := N - len(out)) > 0:
+        n_next = _choose_heads(n, tried, acc, self._spec_costs()) if adapt else n
+        self._spec_crop(st, None, length, length, n_next)  # rejected drafts leave the caches (a length, not a copy)
+        n = n_next
+        if n == 1:  # no head drafts any more: head 0 alone, one token a pass, no host read until the end
+            t, tail = grid[:, :1], []
+            for _ in range(left):
+                h0, _ = self._spec_pass(t, st, 1)
+                t = F.linear(h0[:, -1], W).argmax(-1, keepdim=True)
+                tail.append(t)
+            passes += left
+            break
+        m = min(len(drafts), n - 1, left - 1)
+        h0, hx = self._spec_pass(grid[:, :1 + m], st, n)  # verify: the sure token, then m drafts (a slice of the last grid, on the device)
+        grid_all = self._draft_tokens(h0, hx, n - 1)  # [1,1+m,n]: after each fed token, head 0's token and the next drafts
+        rows = grid_all[0].tolist()  # the pass's one host read
+        a = 0
+        while a < m and rows[a][0] == drafts[a]: a += 1  # drafts accepted: all before the first mismatch
+        for k in range(1, n):  # head k had its chance when drafts 1..k-1 were accepted (a head left out by the budget counts as rejected)
+            if k <= a + 1: tried[k - 1] += 1; acc[k - 1] += k <= a
+        out += drafts[:a] + [rows[a][0]]
+        length, passes, drafts, grid = length + 1 + a, passes + 1, rows[a][1:], grid_all[:, a]
+    seq = torch.cat([ids, torch.tensor([out], device=ids.device, dtype=ids.dtype), *(tail or [])], 1)
+    return seq, dict(forward_passes=passes, accepted_drafts=max(N - passes, 0), drafted_per_head=tried, accepted_per_head=acc, heads_run=n)
+
 # %% ../nbs/04_model.ipynb #837d090f
 def _greedy_tail(model, seq: Tensor, cache, n: int) -> Tensor:
     "`seq` [T] (its last token not cached yet) and `n` more greedy tokens of head 0, one cached forward each: a speculative loop whose drafting stopped."
@@ -608,6 +653,8 @@ def generate(self: MTPTransformer, input_ids: Tensor, max_new_tokens: int, *, te
             runs = [self._speculate(row[None], max_new_tokens, adapt_heads) for row in input_ids]
             ids = torch.cat([r[0] for r in runs])
             stats = {k: sum(r[1][k] for r in runs) for k in runs[0][1]}  # passes and drafts over all sequences
+        elif speculative and len(input_ids) == 1 and temperature == 0 and draft_threshold == 0:  # one sequence, greedy: host bookkeeping
+            ids, stats = self._speculate_one(input_ids, max_new_tokens, adapt_heads)
         elif speculative:
             ids, stats = self._speculate_batch(input_ids, max_new_tokens, temperature, top_k, generator, draft_threshold, adapt_heads)
         else: ids, stats = self._decode(input_ids, max_new_tokens, temperature, top_k, generator, use_cache)
