@@ -26,6 +26,7 @@ def test_json_has_every_row_with_sane_ratios(quick):
     out, _ = quick
     res = json.loads((out / "bench.json").read_text())
     assert res["meta"]["quick"] is True and res["meta"]["devices"][0] == "cpu"
+    assert res["meta"]["commit"] and len(res["meta"]["commit"].split("+")[0]) >= 7  # the report names the code it came from (a git checkout here)
     assert res["errors"] == []
     loss = res["loss_paths"]
     for V in (32768, 131072):
@@ -48,6 +49,9 @@ def test_json_has_every_row_with_sane_ratios(quick):
     for dec in res["decoding"]:
         assert dec["identical"] is True and 1.0 <= dec["tokens_per_forward"] <= 4.0
         assert _finite_positive(dec["greedy_tok_s"]) and _finite_positive(dec["speculative_tok_s"]) and _finite_positive(dec["speedup"])
+        assert _finite_positive(dec["pass_floor"]) and _finite_positive(dec["verify_cost"])
+    spec = [r for r in res["real_code"] if r["method"].startswith("wmtp speculative")]
+    assert spec and all(r["identical"] and _finite_positive(r["pass_floor"]) for r in spec)
 
 
 def test_targets_each_have_a_verdict(quick):

@@ -4,14 +4,14 @@
 
 # %% ../nbs/13b_bench_report.ipynb #2a681e0d
 from __future__ import annotations
-import argparse, importlib.util, json, os, platform, sys, time
+import argparse, importlib.util, json, os, platform, subprocess, sys, time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .bench import (BENCH_SIZES, _f, _load, _say, _table, bench_backends, bench_compile_layouts, bench_decoding, bench_heads, bench_loss,
+from .bench import (BENCH_SIZES, _f, _load, _say, _share, _table, bench_backends, bench_compile_layouts, bench_decoding, bench_heads, bench_loss,
                         bench_pretrained, bench_real_code, bench_weighters, real_code_table)
 from .policy import Capabilities
 
@@ -28,10 +28,15 @@ def _judged(r: dict, wall: str, cpu: str) -> float | None:
     return r[cpu] if r["device"] == "cpu" and r.get(cpu) is not None else r[wall]
 
 # %% ../nbs/13b_bench_report.ipynb #fbd7e0ad
-def _cap(r: dict) -> str:
-    "The speed-up's cap from what a verifying pass costs (`verify_cost`), as text for a target's measured value; empty when not measured."
-    vc = r.get("verify_cost")
-    return "" if not vc else f"; a 4-token forward costs {vc:.2f} one-token forwards, which caps it at {r['tokens_per_forward'] / vc:.2f}x"
+def _cap(r: dict, goal: float) -> str:
+    "The speed-up's caps, as text for a target's measured value: from a verifying forward's cost (`verify_cost`) and a pass's forward work (`pass_floor`); says when `goal` (of the tokens per forward) is out of reach here."
+    vc, pf, tpf = r.get("verify_cost"), r.get("pass_floor"), r["tokens_per_forward"]
+    s = "" if not vc else f"; a 4-token forward costs {vc:.2f} one-token forwards, which caps it at {_share(vc, tpf) * tpf:.2f}x"
+    if pf:
+        of = _share(pf, tpf)
+        s += f"; a 4-token pass's forward work (heads included) costs {pf:.2f} greedy steps, which caps it at {of * tpf:.2f}x ({of:.2f} of the tokens per forward"
+        s += ": the goal is out of reach on this machine)" if of < goal else ")"
+    return s
 
 # %% ../nbs/13b_bench_report.ipynb #b86e6644
 def targets(res: dict) -> list[dict]:
@@ -61,7 +66,7 @@ def targets(res: dict) -> list[dict]:
     for d in res.get("decoding", []):
         sp, tpf = _judged(d, "speedup", "cpu_speedup"), d["tokens_per_forward"]
         out.append(_row(f"self-speculative vs greedy tokens/s ({d['device']}, {d['heads']} heads)",
-                        f"{sp:.2f}x at {tpf:.2f} tokens per forward ({sp / tpf:.2f} of it{_cap(d)}), identical: {'yes' if d['identical'] else 'no'}",
+                        f"{sp:.2f}x at {tpf:.2f} tokens per forward ({sp / tpf:.2f} of it{_cap(d, 0.8)}), identical: {'yes' if d['identical'] else 'no'}",
                         ">= 0.8 x tokens per forward, identical", sp >= 0.8 * tpf and d["identical"]))
         if d.get("untrained_cpu_speedup") is not None:
             out.append(_row(f"self-speculative vs greedy, untrained ({d['device']}, {d['heads']} layout)", f"{d['untrained_cpu_speedup']:.2f}x (CPU time)",
@@ -75,7 +80,7 @@ def targets(res: dict) -> list[dict]:
         out.append(_row(f"real code: wmtp speculative vs transformers greedy ({r.get('device', 'cpu')}, {r['heads']} layout)",
                         f"{x:.2f}x, identical: {'yes' if r['identical'] else 'no'}", ">= 1.00x, identical", x >= 1.0 and r["identical"]))
         out.append(_row(f"real code: wmtp speculative vs wmtp greedy ({r.get('device', 'cpu')}, {r['heads']} layout)",
-                        f"{w:.2f}x at {tpf:.2f} tokens per forward ({w / tpf:.2f} of it{_cap(r)})", ">= 0.85 x tokens per forward", w >= 0.85 * tpf))
+                        f"{w:.2f}x at {tpf:.2f} tokens per forward ({w / tpf:.2f} of it{_cap(r, 0.85)})", ">= 0.85 x tokens per forward", w >= 0.85 * tpf))
     return out
 
 # %% ../nbs/13b_bench_report.ipynb #73448572
@@ -84,7 +89,7 @@ def report_markdown(res: dict) -> str:
     m = res["meta"]
     L = [f"# wmtp bench{' --quick' if m['quick'] else ''}", "",
          f"{m['date']} · torch {m['torch']} · {m['machine']} · {m['torch_threads']} torch threads · load average {m['load_avg']} · "
-         f"devices: {', '.join(m['devices'])} · {m.get('wall_s', 0):.0f} s", "", "## Targets", ""]
+         f"devices: {', '.join(m['devices'])} · {m.get('wall_s', 0):.0f} s · wmtp commit {m.get('commit') or 'unknown'}", "", "## Targets", ""]
     L += _table(["target", "measured", "goal", "met"], [[t["target"], t["measured"], t["goal"], {True: "yes", False: "**no**", None: "n/a"}[t["met"]]]
                                                       for t in res["targets"]])
     L += ["", "## Loss paths (forward + backward)", "",
@@ -107,9 +112,9 @@ def report_markdown(res: dict) -> str:
     L += _table(["device", "weighter", "step (s)", "x baseline"], [[w["device"], w["weighter"], _f(w["time_s"]), _f(w["x_baseline"], ".2f")] for w in res["weighters"]])
     L += ["", "## Decoding (one sequence at a time)", ""]
     L += _table(["device", "model", "train steps", "recalled", "new tokens", "greedy tok/s", "speculative tok/s", "speed-up", "(CPU time)", "tokens per forward",
-                 "untrained: speed-up (CPU time)", "identical"],
+                 "pass floor (greedy steps)", "untrained: speed-up (CPU time)", "identical"],
                 [[d["device"], d["model"], d["train_steps"], f"{d['recalled']:.0%}", d["new_tokens"], _f(d["greedy_tok_s"], ".0f"), _f(d["speculative_tok_s"], ".0f"),
-                  _f(d["speedup"], ".2f"), _f(d["cpu_speedup"], ".2f"), _f(d["tokens_per_forward"], ".2f"), _f(d.get("untrained_cpu_speedup"), ".2f"),
+                  _f(d["speedup"], ".2f"), _f(d["cpu_speedup"], ".2f"), _f(d["tokens_per_forward"], ".2f"), _f(d.get("pass_floor"), ".2f"), _f(d.get("untrained_cpu_speedup"), ".2f"),
                   "yes" if d["identical"] else "**no**"] for d in res["decoding"]])
     if res.get("real_code"):
         r0 = res["real_code"][0]
@@ -195,6 +200,16 @@ def run_bench(out_dir, quick: bool = False, device: str = "all", threads: int | 
 # %% ../nbs/13b_bench_report.ipynb #9e7f1d48
 SECTIONS = ("loss_paths", "backends", "compile", "heads", "weighters", "decoding", "pretrained", "real_code")
 
+def _commit() -> str | None:
+    "The git commit of the wmtp checkout being run ('+changes' when its tracked files differ from it): which code a stored report came from; None outside a checkout."
+    root = str(Path(importlib.util.find_spec("wmtp").origin).parent.parent)
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode: return None
+        return head.stdout.strip() + ("+changes" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError): return None
+
 def _run_bench(out_dir, quick, device, caps, only=None) -> dict:
     caps = caps or Capabilities.detect()
     devices, sizes = _devices(device, caps), BENCH_SIZES["quick" if quick else "full"]
@@ -202,7 +217,7 @@ def _run_bench(out_dir, quick, device, caps, only=None) -> dict:
     t0 = time.perf_counter()
     res = dict(meta=dict(quick=quick, devices=devices, torch=torch.__version__, python=platform.python_version(),
                          machine=f"{platform.machine()} {caps.cpu_count} CPUs" + (f", {caps.cuda_name}" if caps.cuda else "") + (", MPS" if caps.mps else ""),
-                         torch_threads=torch.get_num_threads(), load_avg=_load(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+                         torch_threads=torch.get_num_threads(), load_avg=_load(), commit=_commit(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
                sizes=sizes, step_model=_describe_step(sizes), notes=[])
     res["errors"] = []
     sections = dict(loss_paths=lambda: bench_loss(devices, sizes), backends=lambda: bench_backends(devices, sizes, caps),
