@@ -331,7 +331,7 @@ def pass_floor(model, prompt: torch.Tensor, # a native or `wmtp.hf` model, a pro
         out = model(prompt, kv_cache=cache, n_heads=1)
         L, feed = cache.length, prompt[:, :n_tokens]
         def greedy():  # what `_decode` does per token
-            model(feed[:, :1], kv_cache=cache, n_heads=1).hidden[:, -1, 0] @ W.T
+            (model(feed[:, :1], kv_cache=cache, n_heads=1).hidden[:, -1, 0] @ W.T).argmax(-1)
             cache.crop(L)
         if seq_heads:  # verify, then modules 1..n-1 one after the other at one new position each: the least their drafting costs
             st = model._draft_state()

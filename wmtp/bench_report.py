@@ -205,8 +205,8 @@ def _commit() -> str | None:
     root = str(Path(importlib.util.find_spec("wmtp").origin).parent.parent)
     git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30)
     try:
-        head = git("rev-parse", "--short", "HEAD")
-        if head.returncode: return None
+        top, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "--short", "HEAD")
+        if top.returncode or head.returncode or Path(top.stdout.strip()).resolve() != Path(root).resolve(): return None  # an installed copy, not a checkout
         return head.stdout.strip() + ("+changes" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
     except (OSError, subprocess.SubprocessError): return None
 
