@@ -296,23 +296,28 @@ def _train_repetitive(device: str, d: dict, heads: str = "parallel", seed: int =
     return model.eval(), x, loss.item(), step
 
 # %% ../nbs/13_bench.ipynb #a6e15280
+def _eval_ratio(model, setup: Callable[[], tuple[Callable[[], object], Callable[[], object]]], sync: Callable[[], None], repeats: int, cpu: bool) -> float:
+    "Time of the second of the two functions `setup()` returns over the first's, side by side, `model` in eval mode meanwhile (CPU time, or wall time)."
+    was = model.training
+    model.eval()
+    try: wall, cpu_t = side_by_side(list(setup()), sync, repeats)
+    finally: model.train(was)
+    t = cpu_t if cpu else wall
+    return t[1] / t[0]
+
 @torch.no_grad()
 def verify_cost(model, prompt: torch.Tensor, # the model to decode (native or `wmtp.hf`), a prompt [1,S] of at least `n_tokens` tokens
                 n_tokens: int = 4, repeats: int = 20, sync: Callable[[], None] = lambda: None, cpu: bool = True) -> float:
     "Time of a cached head-0 forward over `n_tokens` new tokens after `prompt`, over that of one new token (CPU time, or wall time with `cpu=False`)."
     if prompt.shape[1] < n_tokens: raise ValueError(f"verify_cost: the prompt has {prompt.shape[1]} tokens, fewer than n_tokens={n_tokens}")
-    was = model.training
-    model.eval()
-    try:
+    def setup():
         cache = model.new_cache(n_heads=1)
         model(prompt, kv_cache=cache, n_heads=1)
         L = cache.length
         def fwd(T):  # the same new tokens each time, then the cache goes back to the prompt
             model(prompt[:, :T], kv_cache=cache, n_heads=1); cache.crop(L)
-        wall, cpu_t = side_by_side([lambda: fwd(1), lambda: fwd(n_tokens)], sync, repeats)
-    finally: model.train(was)
-    t = cpu_t if cpu else wall
-    return t[1] / t[0]
+        return (lambda: fwd(1)), (lambda: fwd(n_tokens))
+    return _eval_ratio(model, setup, sync, repeats, cpu)
 
 # %% ../nbs/13_bench.ipynb #7ba169f0
 @torch.no_grad()
@@ -324,9 +329,7 @@ def pass_floor(model, prompt: torch.Tensor, # a native or `wmtp.hf` model, a pro
     if not 2 <= n_tokens <= H: raise ValueError(f"pass_floor: n_tokens must be in [2, n_future={H}], got {n_tokens}")
     seq_heads = model.cfg.heads == "sequential"
     if seq_heads and not isinstance(model, MTPTransformer): raise ValueError("pass_floor: sequential heads are timed on native models only (a wmtp.hf module needs its decoder layer's arguments)")
-    was = model.training
-    model.eval()
-    try:
+    def setup():
         cache = model.new_cache(n_heads=1)
         out = model(prompt, kv_cache=cache, n_heads=1)
         L, feed = cache.length, prompt[:, :n_tokens]
@@ -352,10 +355,8 @@ def pass_floor(model, prompt: torch.Tensor, # a native or `wmtp.hf` model, a pro
                 h0, hx = model._spec_pass(feed, st, H)
                 model._draft_tokens(h0, hx, n_tokens - 1)[0].tolist()  # the pass's one host read, as in `_speculate_one`
                 model._spec_crop(st, None, L, L, H)
-        wall, cpu_t = side_by_side([greedy, one_pass], sync, repeats)
-    finally: model.train(was)
-    t = cpu_t if cpu else wall
-    return t[1] / t[0]
+        return greedy, one_pass
+    return _eval_ratio(model, setup, sync, repeats, cpu)
 
 def _share(cost: float, tpf: float) -> float:
     "The most of `tpf` tokens per forward a speed-up can reach when a 4-token pass costs `cost` greedy steps (a pass that emits t tokens fed at least t; its cost taken linearly from 1 step at 1 token)."
